@@ -1,0 +1,38 @@
+"""The pipeline at CPU size: a 5M-parameter model, used by `make demo` and the tests.
+
+Same stages and hand-over as gpt_large.py; seconds per stage on a 2-core CPU.
+"""
+
+from mimix_jax import config as base
+from mimix_jax.model_config import preset
+
+
+def get_config(stage="pretrain"):
+  c = base.defaults()
+  c.model = preset("tiny", dtype="float32").to_dict()
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.tokenizer_path = "demo_out/tokenizer"
+  c.log_every = 5
+  c.save_every_steps = 50
+
+  #                     stage      max_len batch steps  lr     warmup  data
+  if stage == "pretrain":
+    c.update(stage="pretrain", max_len=128, batch_size=16, total_steps=200)
+    c.optimizer.update(lr=2e-3, warmup_steps=20)
+    c.data.train_path = "demo_out/data/pretrain_128"
+  elif stage == "pretrain_2048":  # the length-extension stage, at CPU size: 128 -> 256
+    c.update(stage="pretrain", max_len=256, batch_size=8, total_steps=60, init_from="demo_out/runs/pretrain")
+    c.optimizer.update(lr=5e-4, warmup_steps=10)
+    c.data.train_path = "demo_out/data/pretrain_256"
+  elif stage == "sft":
+    c.update(stage="sft", max_len=256, batch_size=8, total_steps=150, init_from="demo_out/runs/pretrain_2048")
+    c.optimizer.update(lr=5e-4, warmup_steps=10)
+    c.data.train_path = "demo_out/data/sft"
+  elif stage == "dpo":
+    c.update(stage="dpo", max_len=256, batch_size=8, total_steps=60, init_from="demo_out/runs/sft")
+    c.optimizer.update(lr=2e-4, warmup_steps=5)
+    c.data.train_path = "demo_out/data/dpo"
+  else:
+    raise ValueError(f"unknown stage {stage!r}; choose from {base.STAGES}")
+  c.lock()
+  return c

@@ -1,0 +1,78 @@
+"""Rotary embeddings and grouped-query attention kernels.
+
+Shape letters: B batch, T query length, S key length, H query heads, K kv heads, G = H/K queries per kv head,
+D head dim.
+
+Masking is one rule for training, packed documents and cached decoding alike: every token has a *slot* (its
+index in the row or in the KV cache) and a *segment id* (which document it belongs to; 0 = padding).
+A query attends to a key iff they share a non-zero segment and the key's slot is not after the query's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked (padding) rows stay NaN-free
+
+
+@functools.lru_cache(maxsize=16)
+def rope_table(max_len: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+  """sin, cos tables [max_len, D/2], computed in float64 then stored float32 (as the reference does)."""
+  inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  angles = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq[None, :]
+  return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, max_len: int, base: float) -> jax.Array:
+  """Rotate-half RoPE (GPT-NeoX / HF Llama): dim j pairs with dim j + D/2.
+
+  x: [B, T, N, D]; positions: [B, T] int. Computed in float32, returned in x.dtype.
+  """
+  sin, cos = rope_table(max_len, x.shape[-1], base)
+  # Clip so padding positions (which may be -1) index a valid row; those tokens are masked anyway.
+  pos = jnp.clip(positions, 0, max_len - 1)
+  sin = jnp.asarray(sin)[pos][:, :, None, :]  # [B, T, 1, D/2]
+  cos = jnp.asarray(cos)[pos][:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, q_slot: jax.Array, kv_slot: jax.Array) -> jax.Array:
+  """[B, T, S] bool: same non-zero segment and key slot <= query slot.
+
+  q_segment [B, T], kv_segment [B, S], q_slot [B, T] or [T], kv_slot [S].
+  """
+  q_slot = jnp.broadcast_to(q_slot, q_segment.shape)
+  same_doc = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+  causal = kv_slot[None, None, :] <= q_slot[:, :, None]
+  return same_doc & causal
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Plain attention with a float32 softmax; works on every backend.
+
+  q [B, T, H, D], k/v [B, S, K, D], mask [B, T, S] -> [B, T, H, D]. Query head h uses kv head h // G.
+  """
+  b, t, h, d = q.shape
+  n_kv = k.shape[2]
+  q = q.reshape(b, t, n_kv, h // n_kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` for causal rows of ONE document each (no padding, no packing).
+
+  The cuDNN kernel takes no segment ids, so callers must only use it when segment ids are absent.
+  """
+  # GQA is native: jax groups query head h onto kv head h // G, the same layout as xla_attention.
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)

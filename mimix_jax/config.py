@@ -1,0 +1,131 @@
+"""Training configuration: the defaults every config file starts from, and how config files are loaded.
+
+A config file (configs/*.py) defines `get_config(stage)` returning an `ml_collections.ConfigDict`; it reads
+like a table of hyper-parameters on top of `defaults()`. On the command line:
+`--config configs/tiny.py:pretrain --config.optimizer.lr=3e-4`. ConfigDicts are locked, so a misspelt field
+fails loudly instead of being silently added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from typing import Any, Sequence
+
+import ml_collections
+
+from mimix_jax.model_config import ModelConfig, preset
+
+STAGES = ("pretrain", "pretrain_2048", "sft", "dpo")
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"  # which loss and data layout: pretrain | sft | dpo (pretrain_2048 is a pretrain)
+  c.seed = 0  # every random choice (init, data order, dropout-free sampling) derives from this
+  c.model = dataclasses.asdict(preset("tiny"))
+  c.max_len = c.model.max_len  # training sequence length; also written to the model's max_len
+  c.batch_size = 8  # global, in sequences (pairs for DPO), per optimizer step
+  c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+  c.total_steps = 100
+  c.tokenizer_path = ""
+  c.init_from = ""  # run dir or checkpoint step dir: load params only, new optimizer
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_path = ""
+  c.data.eval_path = ""
+  c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+  c.data.prefetch = 2  # batches prefetched to the devices
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-3
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant, all after a linear warmup
+  c.optimizer.warmup_steps = 10
+  c.optimizer.min_lr_ratio = 0.1  # floor of cosine/linear decay as a fraction of lr
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.decay_norms_and_embeddings = False  # the reference decays everything; we don't by default
+  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 disables (the reference runs had none)
+  c.optimizer.z_loss = 0.0  # weight of mean(logsumexp^2); 0 disables
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 takes the remaining devices
+
+  c.log_every = 10
+  c.eval_every = 0  # 0 = no periodic eval
+  c.eval_steps = 10
+  c.save_every_steps = 100
+  c.keep_checkpoints = 2  # the last N checkpoints ...
+  c.keep_every = 0  # ... plus every K-th step (0 = none)
+  c.max_nonfinite_steps = 5  # stop after this many consecutive non-finite losses/gradients
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1
+  c.dpo.loss_type = "sigmoid"  # sigmoid | ipo
+  c.dpo.label_smoothing = 0.0  # cDPO
+  c.dpo.weighting = "reference"  # reference: sft + lambda * dpo | rpo: dpo + alpha * sft
+  c.dpo.sft_weight = 0.1  # lambda (reference weighting) or alpha (rpo weighting); 0 disables the SFT term
+  c.dpo.reference = "precompute"  # precompute (one no-grad pass, policy only in memory) | frozen (a copy)
+  return c
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig a run trains, with the sequence length of this stage."""
+  return ModelConfig.from_dict({**cfg.model.to_dict(), "max_len": cfg.max_len})
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py:stage` and applies `field.sub=value` overrides (for tests and tools)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_mimix_config", path)
+  if module_spec is None:
+    raise FileNotFoundError(f"config file not found: {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    key, _, value = item.removeprefix("--config.").partition("=")
+    apply_override(cfg, key, value)
+  return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
+  *parents, leaf = key.split(".")
+  node = cfg
+  for name in parents:
+    if name not in node:
+      raise KeyError(f"config has no field {key!r} (no {name!r})")
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f"config has no field {key!r}; did you mean one of {sorted(node.keys())}?")
+  old = node[leaf]
+  node[leaf] = _parse_like(old, value, key)
+
+
+def _parse_like(old: Any, value: str, key: str) -> Any:
+  if isinstance(old, bool):
+    if value.lower() in ("true", "1", "yes"):
+      return True
+    if value.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"--config.{key}: expected a boolean, got {value!r}")
+  if isinstance(old, int):
+    return int(value)
+  if isinstance(old, float):
+    return float(value)
+  return value
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses impossible settings with one clear line each."""
+  if cfg.stage not in ("pretrain", "sft", "dpo"):
+    raise ValueError(f"config.stage must be pretrain, sft or dpo, got {cfg.stage!r}")
+  if cfg.batch_size % cfg.grad_accum_steps:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
+  model_config(cfg)  # raises on inconsistent model dims

@@ -1,0 +1,194 @@
+"""The decoder-only transformer (MimixLM / Llama layout) as a Flax NNX module.
+
+Pre-norm blocks: h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h)); a final RMSNorm; logits = h @ E^T with the
+embedding E tied to the output projection. GQA attention with rotate-half RoPE (base 500000), gated SiLU FFN,
+no biases, N(0, 0.02) init, norm scales 1.
+
+The layers' parameters are stacked along a leading `layers` axis and run under `jax.lax.scan`, so compile
+time does not grow with depth. Shape letters: B batch, T length, S cache length, d model width, H / K query /
+kv heads, D head dim, F FFN width, L layers, V (padded) vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mimix_jax import attention
+from mimix_jax.model_config import ModelConfig
+from mimix_jax.sharding import constrain
+
+Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, D]; segment_ids: [B, S]; end: [] (next free slot)
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the projections, recompute norms, RoPE, softmax and the FFN's elementwise ops.
+    "save_proj": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "attn_out", "gate", "up"),
+}
+
+# name -> (shape as a function of the config, logical axes); every entry has a leading layer axis.
+_LAYER_PARAMS = {
+    "attn_norm": (lambda c: (c.d_model,), ("norm",)),
+    "wq": (lambda c: (c.d_model, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim")),
+    "wk": (lambda c: (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")),
+    "wv": (lambda c: (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")),
+    "wo": (lambda c: (c.n_heads, c.head_dim, c.d_model), ("q_heads", "head_dim", "embed")),
+    "mlp_norm": (lambda c: (c.d_model,), ("norm",)),
+    "w_gate": (lambda c: (c.d_model, c.d_ff), ("embed", "mlp")),
+    "w_up": (lambda c: (c.d_model, c.d_ff), ("embed", "mlp")),
+    "w_down": (lambda c: (c.d_ff, c.d_model), ("mlp", "embed")),
+}
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in float32 (scale included), cast back to x.dtype, as the reference does."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * scale.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+class DecoderLayers(nnx.Module):
+  """All L blocks' weights, stacked: e.g. wq is [L, d, H, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    normal = jax.nn.initializers.normal(cfg.init_std)
+    for name, (shape_fn, axes) in _LAYER_PARAMS.items():
+      shape = (cfg.n_layers, *shape_fn(cfg))
+      value = jnp.ones(shape, jnp.float32) if name.endswith("norm") else normal(rngs.params(), shape, jnp.float32)
+      setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+  def stacked(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name).value for name in _LAYER_PARAMS}
+
+
+def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
+  """One pre-norm block. h [B, T, d]; p: this layer's params; kv_cache: (k, v) [B, S, K, D] or None."""
+  dt = h.dtype
+  a = rms_norm(h, p["attn_norm"], cfg.norm_eps)
+  q = checkpoint_name(jnp.einsum("btd,dhk->bthk", a, p["wq"].astype(dt)), "q")
+  k = checkpoint_name(jnp.einsum("btd,dhk->bthk", a, p["wk"].astype(dt)), "k")
+  v = checkpoint_name(jnp.einsum("btd,dhk->bthk", a, p["wv"].astype(dt)), "v")
+  q = attention.apply_rope(q, positions, cfg.max_len, cfg.rope_base)
+  k = attention.apply_rope(k, positions, cfg.max_len, cfg.rope_base)
+  if kv_cache is not None:  # write this step's keys/values at slots [end, end + T), attend over the whole cache
+    k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_end, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_end, axis=1)
+    kv_cache = (k, v)
+    k, v = k.astype(dt), v.astype(dt)
+  if mask is None:
+    out = attention.fused_attention(q, k, v, implementation=cfg.attention)
+  else:
+    out = attention.xla_attention(q, k, v, mask)
+  out = checkpoint_name(out, "attn_out")
+  h = h + jnp.einsum("bthk,hkd->btd", out, p["wo"].astype(dt))
+  h = constrain(h, "batch", "length", "act_embed")
+
+  f = rms_norm(h, p["mlp_norm"], cfg.norm_eps)
+  gate = checkpoint_name(jnp.einsum("btd,df->btf", f, p["w_gate"].astype(dt)), "gate")
+  up = checkpoint_name(jnp.einsum("btd,df->btf", f, p["w_up"].astype(dt)), "up")
+  h = h + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+  return constrain(h, "batch", "length", "act_embed"), kv_cache
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] -> logits [B, T, V] (float32; padded-vocab logits are -inf)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    normal = jax.nn.initializers.normal(cfg.init_std)
+    self.embed = nnx.Param(
+        normal(rngs.params(), (cfg.padded_vocab_size, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed")
+    )
+    self.layers = DecoderLayers(cfg, rngs=rngs)
+    self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32), logical_axes=("norm",))
+
+  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    h, _ = self.hidden(tokens, positions, segment_ids)
+    return self.logits(h)
+
+  def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+    """Final-normed hidden states [B, T, d] in the compute dtype, and the updated cache (or None).
+
+    positions [B, T]: RoPE positions (restart at 0 per packed document); default 0..T-1.
+    segment_ids [B, T]: document ids, 0 = padding; default one document per row. Attention never crosses
+    documents. With a cache, the T tokens are written at slots [cache.end, cache.end + T).
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    b, t = tokens.shape
+    fused = cfg.attention != "xla" and segment_ids is None and cache is None
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+
+    if cache is None:
+      mask = None if fused else attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+      kv_layers, end = None, None
+    else:
+      end = cache["end"]
+      kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
+      mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+      kv_layers = (cache["k"], cache["v"])
+
+    h = self.embed.value.astype(dt)[tokens]
+    h = constrain(h, "batch", "length", "act_embed")
+    params = jax.tree.map(lambda x: x.astype(dt) if x.ndim > 2 else x, self.layers.stacked())
+
+    def body(h, xs):
+      p, kv = xs
+      return _block(cfg, h, p, positions, mask, kv, end)
+
+    if cfg.remat != "none" and cache is None:
+      if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {cfg.remat!r}; choose from none, {', '.join(REMAT_POLICIES)}")
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    h, new_kv = jax.lax.scan(body, h, (params, kv_layers))
+
+    h = rms_norm(h, self.final_norm.value, cfg.norm_eps)
+    if cache is None:
+      return h, None
+    new_cache = dict(k=new_kv[0], v=new_kv[1], segment_ids=kv_segment, end=end + t)
+    return h, new_cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """h [B, T, d] -> float32 logits [B, T, V_padded], padded entries -inf."""
+    table = self.embed.value.astype(h.dtype)
+    logits = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
+    return mask_padded_vocab(logits, self.cfg.vocab_size)
+
+  def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return dict(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch, length), jnp.int32),
+        end=jnp.zeros((), jnp.int32),
+    )
+
+
+def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+  if logits.shape[-1] == vocab_size:
+    return logits
+  valid = jnp.arange(logits.shape[-1]) < vocab_size
+  return jnp.where(valid, logits, -jnp.inf)
+
+
+def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStructs instead of arrays (no memory allocated)."""
+  return nnx.eval_shape(lambda: create(cfg))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,97 @@
+"""Model hyper-parameters and the reference presets.
+
+The presets are the reference MimixLM table (spec §1.3) plus `tiny`, which trains in seconds on a CPU.
+Parameter counts are exact at the default vocabulary (`param_count` is tested against the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 50256
+  n_layers: int = 24
+  d_model: int = 1024
+  n_heads: int = 8
+  n_kv_heads: int = 4
+  d_ff: int = 3072
+  max_len: int = 1024  # longest sequence (positions); the RoPE table is built for this length
+  rope_base: float = 500_000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  # Embedding rows are padded to a multiple of this for fast matmuls; padded logits are masked to -inf.
+  vocab_multiple: int = 128
+  dtype: str = "float32"  # compute dtype; params are always float32
+  attention: str = "xla"  # "xla" (works everywhere, document masks) | "cudnn" (fused; no document masks)
+  remat: str = "none"  # "none" | "full" | "save_dots" (see model.REMAT_POLICIES)
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+    if (self.d_model // self.n_heads) % 2:
+      raise ValueError("head_dim must be even for rotate-half RoPE")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = max(1, self.vocab_multiple)
+    return -(-self.vocab_size // m) * m
+
+  def param_count(self, padded: bool = False) -> int:
+    """Exact parameter count; `padded=False` is the reference-comparable number."""
+    d, hd = self.d_model, self.head_dim
+    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # q, o, k, v
+    mlp = 3 * d * self.d_ff
+    per_layer = attn + mlp + 2 * d
+    vocab = self.padded_vocab_size if padded else self.vocab_size
+    return vocab * d + self.n_layers * per_layer + d
+
+  def flops_per_token(self, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward), PaLM convention (Chowdhery et al. 2022, App. B).
+
+    6 x (every matmul weight, the tied output projection included, the embedding lookup excluded)
+    + 12 x n_layers x seq_len x (n_heads x head_dim) for attention scores and values, with the causal
+    mask NOT halving it. This is the convention MaxText and nanoGPT use for MFU.
+    """
+    matmul_params = self.param_count() - self.vocab_size * self.d_model - (2 * self.n_layers + 1) * self.d_model
+    matmul_params += self.vocab_size * self.d_model  # output projection (tied, but its matmul still runs)
+    return 6 * matmul_params + 12 * self.n_layers * seq_len * self.n_heads * self.head_dim
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+      raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+    return cls(**d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: trains in seconds, used by tests and `make demo`.
+    "tiny": dict(vocab_size=8000, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768, max_len=256),
+    "small": dict(vocab_size=30256, n_layers=6, d_model=512, n_heads=8, n_kv_heads=8, d_ff=1024),
+    "base": dict(vocab_size=50256, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2304),
+    "large": dict(vocab_size=50256, n_layers=24, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),
+    "xl": dict(vocab_size=50256, n_layers=36, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})
