@@ -63,7 +63,7 @@ class DecoderLayers(nnx.Module):
       setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
 
   def stacked(self) -> dict[str, jax.Array]:
-    return {name: getattr(self, name).value for name in _LAYER_PARAMS}
+    return {name: getattr(self, name)[...] for name in _LAYER_PARAMS}
 
 
 def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
@@ -136,7 +136,7 @@ class Transformer(nnx.Module):
       mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
       kv_layers = (cache["k"], cache["v"])
 
-    h = self.embed.value.astype(dt)[tokens]
+    h = self.embed[...].astype(dt)[tokens]
     h = constrain(h, "batch", "length", "act_embed")
     params = jax.tree.map(lambda x: x.astype(dt) if x.ndim > 2 else x, self.layers.stacked())
 
@@ -150,7 +150,7 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     h, new_kv = jax.lax.scan(body, h, (params, kv_layers))
 
-    h = rms_norm(h, self.final_norm.value, cfg.norm_eps)
+    h = rms_norm(h, self.final_norm[...], cfg.norm_eps)
     if cache is None:
       return h, None
     new_cache = dict(k=new_kv[0], v=new_kv[1], segment_ids=kv_segment, end=end + t)
@@ -158,7 +158,7 @@ class Transformer(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """h [B, T, d] -> float32 logits [B, T, V_padded], padded entries -inf."""
-    table = self.embed.value.astype(h.dtype)
+    table = self.embed[...].astype(h.dtype)
     logits = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
     return mask_padded_vocab(logits, self.cfg.vocab_size)
 

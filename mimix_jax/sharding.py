@@ -73,7 +73,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
 
   def one(v):
     spec = logical_to_spec(v.logical_axes, rules)
-    _check_divisible(v.value.shape, spec, mesh, v.logical_axes)
+    _check_divisible(v.get_value().shape, spec, mesh, v.logical_axes)
     return NamedSharding(mesh, spec)
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
