@@ -17,6 +17,9 @@ def get_config(stage="pretrain"):
   c.keep_every = 20000
   c.optimizer.update(weight_decay=0.01, clip_norm=1.0, schedule="cosine", min_lr_ratio=1e-4)  # clip: ours
 
+  # 150 sequences per GPU per step do not fit at once: 5 micro-batches of 30 (planner: ~36 GiB per device).
+  c.grad_accum_steps = 5
+
   #                     stage      max_len batch  steps    lr     warmup
   if stage == "pretrain":
     c.update(stage="pretrain", max_len=1024, batch_size=1200, total_steps=100_000)
@@ -32,11 +35,12 @@ def get_config(stage="pretrain"):
     c.data.train_path = "data/gpt_large/sft"
     c.save_every_steps = 5000
   elif stage == "dpo":  # the reference ran DPO on 1 GPU with 32 pairs; we keep the batch, use the node
-    c.update(stage="dpo", max_len=2048, batch_size=32, total_steps=5_700, init_from="runs/gpt_large/sft")
+    c.update(stage="dpo", max_len=2048, batch_size=32, total_steps=5_700, init_from="runs/gpt_large/sft",
+             grad_accum_steps=1)
     c.optimizer.update(lr=1e-5, warmup_steps=500)
     c.data.train_path = "data/gpt_large/dpo"
     c.save_every_steps = 2000
-    c.dpo.update(beta=0.1, weighting="reference", sft_weight=0.1)  # loss = sft + 0.1 * dpo
+    c.dpo.update(beta=0.1, dpo_weight=0.1, sft_weight=1.0)  # the reference: loss = sft + 0.1 * dpo
   else:
     raise ValueError(f"unknown stage {stage!r}; choose from {base.STAGES}")
   c.lock()

@@ -99,7 +99,7 @@ def read_run_info(path: Path | str) -> RunInfo:
 
 def abstract_params(model_cfg: ModelConfig, shardings=None) -> dict:
   """ShapeDtypeStructs of the params pure dict, with target shardings (None: the default device)."""
-  abstract = nnx.state(model_lib.abstract(model_cfg), nnx.Param).to_pure_dict()
+  abstract = nnx.to_pure_dict(nnx.state(model_lib.abstract(model_cfg), nnx.Param))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
@@ -116,13 +116,12 @@ def load_params(path: Path | str, model_cfg: ModelConfig | None = None, sharding
 
 
 def params_to_model(model_cfg: ModelConfig, params: dict) -> model_lib.Transformer:
-  graphdef, state = nnx.split(model_lib.abstract(model_cfg))
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+  graphdef, _ = nnx.split(model_lib.abstract(model_cfg))
+  return nnx.merge(graphdef, params)
 
 
 def model_params(model: nnx.Module) -> dict:
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def load_model(path: Path | str, *, dtype: str | None = None, shardings=None) -> tuple[model_lib.Transformer, RunInfo]:
@@ -139,3 +138,64 @@ def save_params(run_dir: Path | str, step: int, params: dict) -> Path:
     mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
     mngr.wait_until_finished()
   return step_dir
+
+
+class _DataState:
+  """Carries a grain iterator state (JSON bytes) through grain's Orbax handler, one file per process.
+
+  The trainer records the state of the iterator after the last batch it consumed; handing the live iterator
+  to Orbax would save a position that prefetching may have moved past.
+  """
+
+  def __init__(self, state: bytes = b"{}"):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return self.state
+
+  def set_state(self, state: bytes) -> None:
+    self.state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for the whole train state + the data iterator state, saved asynchronously."""
+
+  def __init__(self, run_dir: Path | str, keep: int, keep_every: int = 0):
+    import grain.checkpoint as grain_ckpt
+    self._grain = grain_ckpt
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=True, create=True)
+    self.manager = ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, data_state: bytes, meta: dict, force: bool = False) -> None:
+    self.manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+        data=self._grain.CheckpointSave(_DataState(data_state))))
+
+  def restore(self, step: int, abstract_state: dict, shardings: dict) -> tuple[dict, bytes, dict]:
+    """(state on the given shardings, data iterator state, meta) of `step`, onto any mesh."""
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target["params"]),
+        opt_state=ocp.args.StandardRestore(target["opt_state"]),
+        meta=ocp.args.JsonRestore(),
+        data=self._grain.CheckpointRestore(_DataState())))
+    meta = restored["meta"]
+    step_array = jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32), shardings["step"])
+    state = {"params": restored["params"], "opt_state": restored["opt_state"], "step": step_array}
+    return state, restored["data"].get_state(), meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

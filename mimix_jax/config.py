@@ -65,8 +65,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.1
   c.dpo.loss_type = "sigmoid"  # sigmoid | ipo
   c.dpo.label_smoothing = 0.0  # cDPO
-  c.dpo.weighting = "reference"  # reference: sft + lambda * dpo | rpo: dpo + alpha * sft
-  c.dpo.sft_weight = 0.1  # lambda (reference weighting) or alpha (rpo weighting); 0 disables the SFT term
+  # loss = dpo_weight * DPO + sft_weight * SFT(chosen). The reference: dpo_weight 0.1, sft_weight 1 (sft + 0.1 dpo);
+  # TRL's RPO: dpo_weight 1, sft_weight alpha; plain DPO: 1, 0.
+  c.dpo.dpo_weight = 1.0
+  c.dpo.sft_weight = 0.0
   c.dpo.reference = "precompute"  # precompute (one no-grad pass, policy only in memory) | frozen (a copy)
   return c
 

@@ -68,15 +68,15 @@ def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES) -> P:
   return P(*spec)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for an nnx.State whose Params carry `logical_axes` metadata."""
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """NamedShardings (a pure dict like the params) for a State whose Params carry `logical_axes` metadata."""
 
   def one(v):
     spec = logical_to_spec(v.logical_axes, rules)
     _check_divisible(v.get_value().shape, spec, mesh, v.logical_axes)
     return NamedSharding(mesh, spec)
 
-  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def _check_divisible(shape, spec: P, mesh: Mesh, axes) -> None:

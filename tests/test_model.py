@@ -205,9 +205,9 @@ def test_same_forward_and_loss_on_one_device_and_a_2x2x2_mesh():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   graphdef, state = nnx.split(model_lib.create(cfg, seed=7))
   shardings = sharding.param_shardings(nnx.state(model_lib.abstract(cfg)), mesh)
-  state = jax.device_put(state, shardings)
+  state = jax.device_put(nnx.to_pure_dict(state), shardings)
   batch = jax.device_put(tokens, sharding.batch_sharding(mesh))
-  assert state["layers"]["wq"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert state["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
 
   @jax.jit
   def run(state, tokens):

@@ -1,0 +1,246 @@
+"""Train (pretrain / SFT / DPO) one stage: `python -m mimix_jax.train --config FILE.py:STAGE --workdir RUN_DIR`.
+
+Running the same command again resumes exactly from the latest complete checkpoint (same data order, same
+losses). `--config.FIELD=VALUE` overrides any config field; `--dry_run` plans memory and FLOPs without training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "--dry_run" in sys.argv:
+  # The planner compiles for the configured mesh on virtual CPU devices; must be set before JAX is imported.
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import json
+import platform
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from mimix_jax import checkpoint, config as config_lib, distributed, sharding, trainer as trainer_lib
+from mimix_jax.metrics import MetricsLogger
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="FILE.py:STAGE, e.g. configs/tiny.py:pretrain")
+  p.add_argument("--workdir", default=None, help="run directory (default runs/<config name>/<stage>)")
+  p.add_argument("--dry_run", action="store_true", help="print parameter count, FLOPs and per-device memory")
+  distributed.add_flags(p)
+  args, rest = p.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognized arguments: {' '.join(bad)}")
+  return args, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  cfg = config_lib.load(args.config, overrides)
+  config_lib.validate(cfg)
+  if args.dry_run:
+    from mimix_jax import planner
+    planner.report(cfg)
+    return 0
+  distributed.initialize(args)
+  file, _, stage = args.config.partition(":")
+  workdir = Path(args.workdir or Path("runs") / Path(file).stem / (stage or "default"))
+  return run(cfg, workdir, command=" ".join(sys.argv))
+
+
+def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int:
+  """Trains to cfg.total_steps in run_dir, resuming from its latest checkpoint; returns an exit code."""
+  from mimix_jax import data as data_lib  # the Grain pipeline
+
+  is_main = jax.process_index() == 0
+  model_cfg = config_lib.model_config(cfg)
+  mesh = sharding.make_mesh(**cfg.mesh)
+  trainer = trainer_lib.build(cfg, model_cfg, mesh)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  manifest = data_lib.read_manifest(cfg.data.train_path)
+  _check_data(cfg, manifest)
+  if is_main:
+    _write_run_files(cfg, model_cfg, run_dir, manifest, command)
+
+  ckpt = checkpoint.TrainCheckpointer(run_dir, cfg.keep_checkpoints, cfg.keep_every)
+  iterator = data_lib.make_iterator(
+      cfg.data.train_path, stage=cfg.stage, global_batch_size=cfg.batch_size, seed=cfg.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), worker_count=cfg.data.worker_count)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state, meta = ckpt.restore(start, trainer.abstract_state, trainer.state_shardings)
+    iterator.set_state(json.loads(data_state))
+    nonfinite_run = meta.get("nonfinite_run", 0)
+    print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
+  else:
+    start, nonfinite_run = 0, 0
+    params = None
+    if cfg.init_from:
+      params = checkpoint.load_params(cfg.init_from, model_cfg, trainer.state_shardings["params"])
+      print(f"initialised params from {cfg.init_from}", flush=True)
+    state = trainer.init_state(cfg.seed, params)
+
+  reference = _dpo_reference(cfg, trainer, state["params"], run_dir) if cfg.stage == "dpo" else None
+  step_fn = trainer.train_step()
+  tokens_per_step = cfg.batch_size * cfg.max_len * (2 if cfg.stage == "dpo" else 1)
+  logger = MetricsLogger(run_dir, cfg.total_steps, start, model_cfg.flops_per_token(cfg.max_len), tokens_per_step,
+                         enabled=is_main)
+  stop = _StopFlag()
+
+  def save(step, force=False):
+    ckpt.save(step, state, json.dumps(iterator.get_state()).encode(), {"nonfinite_run": nonfinite_run}, force=force)
+    logger.plot()
+
+  step, exit_code = start, 0
+  with sharding.activate(mesh):
+    while step < cfg.total_steps:
+      local = next(iterator)
+      extra = None if reference is None else reference.lookup(local["index"])
+      batch = trainer.device_batch(local)
+      if extra is not None:
+        extra = trainer.device_batch({"r": extra})["r"]
+      state, metrics = step_fn(state, batch, extra)
+      step += 1
+      if step % cfg.log_every == 0 or step == cfg.total_steps or stop.requested:
+        metrics = jax.device_get(metrics)
+        nonfinite_run = 0 if metrics["finite"] else nonfinite_run + 1
+        record = logger.log(step, metrics)
+        if not metrics["finite"]:
+          logger.write(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)")
+        if nonfinite_run >= cfg.max_nonfinite_steps:
+          logger.write(f"stopping: {nonfinite_run} consecutive non-finite steps (loss {record['loss']})")
+          exit_code = 3
+          break
+      if cfg.eval_every and step % cfg.eval_every == 0 and cfg.data.eval_path:
+        logger.log_eval(step, evaluate_loss(cfg, trainer, state["params"], run_dir))
+      if step % cfg.save_every_steps == 0 and step < cfg.total_steps:
+        save(step)
+      if stop.requested:
+        logger.write(f"signal received: saving step {step} and exiting")
+        break
+    save(step, force=True)
+    ckpt.close()
+  logger.close()
+  if is_main and exit_code == 0:
+    print(json.dumps({"stage": cfg.stage, "run_dir": str(run_dir), "step": step,
+                      "loss": logger.history[-1][1] if logger.history else None}), flush=True)
+  return exit_code
+
+
+def evaluate_loss(cfg, trainer, params, run_dir: Path) -> dict[str, float]:
+  """Mean loss over the first eval_steps batches of the held-out split (same batches every time)."""
+  from mimix_jax import data as data_lib
+  micro = cfg.batch_size // cfg.grad_accum_steps
+  iterator = data_lib.make_iterator(
+      cfg.data.eval_path, stage=cfg.stage, global_batch_size=micro, seed=cfg.seed, shuffle=False, num_epochs=1,
+      process_index=jax.process_index(), process_count=jax.process_count(), drop_remainder=False)
+  reference = _dpo_reference(cfg, trainer, params, run_dir, cfg.data.eval_path) if cfg.stage == "dpo" else None
+  eval_fn = trainer.eval_step()
+  total = count = 0.0
+  for _, local in zip(range(cfg.eval_steps), iterator):
+    extra = None if reference is None else trainer.device_batch({"r": reference.lookup(local["index"])}, False)["r"]
+    t, c, _ = eval_fn(params, trainer.device_batch(local, accumulate=False), extra)
+    total, count = total + float(t), count + float(c)
+  return {"loss": total / max(count, 1.0)}
+
+
+class _ReferenceLogps:
+  """Reference-model log-probs of every DPO pair, computed once in a no-grad pass and kept on the host."""
+
+  def __init__(self, table: np.ndarray):
+    self.table = table  # [N, 2] (chosen, rejected), float32
+
+  def lookup(self, index: np.ndarray) -> np.ndarray:
+    return self.table[np.clip(index, 0, len(self.table) - 1)]
+
+
+def _dpo_reference(cfg, trainer, params, run_dir: Path, path: str | None = None) -> _ReferenceLogps:
+  """Reference log-probs for the pairs in `path` (default: the train split), cached in the run dir.
+
+  The reference model is the policy at the start of the stage (init_from), as in the reference and TRL.
+  """
+  from jax.experimental import multihost_utils
+  from mimix_jax import data as data_lib, losses
+  path = path or cfg.data.train_path
+  name = "train" if path == cfg.data.train_path else "eval"
+  cache = run_dir / f"reference_logps_{name}.npy"
+  if cache.exists():
+    return _ReferenceLogps(np.load(cache))
+  n = int(data_lib.read_manifest(path)["records_written"])
+  micro = cfg.batch_size // cfg.grad_accum_steps
+  iterator = data_lib.make_iterator(
+      path, stage="dpo", global_batch_size=micro, seed=cfg.seed, shuffle=False, num_epochs=1,
+      process_index=jax.process_index(), process_count=jax.process_count(), drop_remainder=False)
+  from flax import nnx
+  logps_fn = jax.jit(lambda p, b: losses.sequence_logps(nnx.merge(trainer.graphdef, p), b)[0],
+                     out_shardings=jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
+  table = np.zeros((n, 2), np.float32)
+  if cfg.dpo.reference != "precompute":
+    raise ValueError(f"dpo.reference {cfg.dpo.reference!r} is not supported; use 'precompute'")
+  for local in iterator:
+    logps = np.asarray(logps_fn(params, trainer.device_batch(local, accumulate=False)))
+    index = multihost_utils.process_allgather(local["index"], tiled=True) if jax.process_count() > 1 else local["index"]
+    real = (index >= 0) & (index < n)
+    table[index[real]] = logps[real]
+  if jax.process_index() == 0:
+    tmp = cache.with_name(cache.name + ".tmp.npy")
+    np.save(tmp, table)
+    os.replace(tmp, cache)
+  return _ReferenceLogps(table)
+
+
+def _check_data(cfg, manifest: dict) -> None:
+  stage = "pretrain" if cfg.stage == "pretrain" else cfg.stage
+  if manifest.get("stage") != stage:
+    raise ValueError(f"{cfg.data.train_path}: shards are for stage {manifest.get('stage')!r}, config trains {stage!r}")
+  if int(manifest.get("max_len", cfg.max_len)) != cfg.max_len:
+    raise ValueError(f"{cfg.data.train_path}: shards have max_len {manifest['max_len']}, config max_len is {cfg.max_len}"
+                     f" (re-run preprocessing with --max_len {cfg.max_len} or set --config.max_len)")
+
+
+def _write_run_files(cfg, model_cfg, run_dir: Path, data_manifest: dict, command: str) -> None:
+  tokenizer_dir = cfg.tokenizer_path or None
+  generation = dict(checkpoint.DEFAULT_GENERATION)
+  if cfg.init_from:
+    source = checkpoint.read_run_info(cfg.init_from)
+    generation = source.generation
+    tokenizer_dir = tokenizer_dir or source.tokenizer_dir
+  if cfg.stage in ("sft", "dpo"):  # the run is a chat model now: no hand edit needed (the reference needs one)
+    generation = {**generation, "mode": "chat"}
+  if tokenizer_dir and not Path(tokenizer_dir).exists():
+    raise FileNotFoundError(f"tokenizer_path {tokenizer_dir} does not exist")
+  checkpoint.write_run_info(run_dir, model_cfg, tokenizer_dir, generation)
+  checkpoint.write_json_atomic(run_dir / "config.json", cfg.to_dict())
+  import flax, optax, orbax.checkpoint as ocp
+  checkpoint.write_json_atomic(run_dir / "manifest.json", {
+      "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
+      "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+      "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?"),
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "processes": jax.process_count(),
+      "param_count": model_cfg.param_count(), "data": data_manifest})
+
+
+class _StopFlag:
+  """SIGTERM / SIGINT request a checkpoint and a clean exit at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.requested:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.requested = True
+
+
+if __name__ == "__main__":
+  sys.exit(main())
