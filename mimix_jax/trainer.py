@@ -147,7 +147,7 @@ def _make_step(loss_fn: LossFn, tx, lr_schedule, graphdef):
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     loss = total / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
