@@ -1,0 +1,281 @@
+"""Streaming readers for the raw input formats: .jsonl, .json, .csv, .parquet, .txt (each also gzipped).
+
+Readers run in the main process and do only cheap work (splitting files into records); parsing and
+validation happen later, in the workers, through `parse`. Nothing reads a whole file into memory except
+`.json` (one JSON list, as the reference reads it). Every item carries a location for error messages:
+`path:LINE` for line-based formats, `path#N` for the N-th record of a .json list or a parquet file.
+
+A .txt file is one document, or several separated by lines consisting of exactly `<|endoftext|>` (the
+reference splits on a regex that also cuts at every `<`, `>` and the bare word; we split on the whole line).
+Documents larger than `TXT_PART_BYTES` are yielded in parts cut at paragraph boundaries, so a 10 GB book
+never sits in memory and still tokenizes exactly as if it were whole (see `tokenizer.split_for_encoding`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import gzip
+import io
+import json
+import os
+import re
+import sys
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+# Skip reasons (the keys of the manifest's `skipped` mapping).
+MALFORMED_JSON = "malformed_json"
+INVALID_UTF8 = "invalid_utf8"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+EMPTY_TEXT = "empty_text"
+EMPTY_FILE = "empty_file"
+UNREADABLE_FILE = "unreadable_file"
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".txt", ".parquet")
+TXT_PART_BYTES = 1 << 20
+TXT_MAX_HOLD = 1 << 24
+_TXT_SEP = re.compile(rb"^<\|endoftext\|>\r?\n", re.M)  # a separator line (complete: its newline was read)
+_TXT_SEP_AT_EOF = re.compile(rb"^<\|endoftext\|>\r?(?:\n|\Z)", re.M)
+_PARAGRAPH_CUT = re.compile(rb"\n\r?\n(?=[^\r\n])")  # the same cut as tokenizer.split_for_encoding
+
+
+class InputError(ValueError):
+  """A problem with the command-line inputs as a whole (no file matched, unsupported file type)."""
+
+
+class RecordError(ValueError):
+  """One bad record: `reason` is a short key for counting, `detail` is for the human."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+@dataclasses.dataclass
+class Item:
+  """One raw record as read from disk.
+
+  kind: "json" (payload: bytes of one JSON value), "obj" (an already decoded object), "text" (payload:
+  bytes of a .txt document part; `first`/`last` say whether it starts/ends its document; `line` is its first
+  line number) or "error" (payload: (reason, detail); the file could not be read from here on).
+  """
+
+  loc: str
+  kind: str
+  payload: Any
+  first: bool = True
+  last: bool = True
+  line: int = 1
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+  """'jsonl', 'json', 'csv', 'txt' or 'parquet' (a trailing .gz is allowed except for parquet), else None."""
+  name = str(path).lower()
+  if name.endswith(".gz"):
+    name = name[:-3]
+    if name.endswith(".parquet"):
+      return None
+  for ext in EXTENSIONS:
+    if name.endswith(ext):
+      return ext[1:]
+  return None
+
+
+def discover(patterns: Sequence[str]) -> list[Path]:
+  """Files named by `patterns` (files, directories walked recursively, or globs), deduplicated.
+
+  Each directory or glob expands in sorted order. Unsupported files inside directories are ignored; a file
+  named explicitly with an unsupported extension, or a pattern matching nothing, is an InputError.
+  """
+  out: list[Path] = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      found = sorted(Path(root, f) for root, _, files in os.walk(pattern) for f in files)
+      found = [p for p in found if file_format(p)]
+      if not found:
+        raise InputError(f"{pattern}: directory has no {'/'.join(EXTENSIONS)} files")
+    elif os.path.exists(pattern):
+      if not file_format(pattern):
+        raise InputError(f"{pattern}: unsupported file type (expected one of {', '.join(EXTENSIONS)}, or .gz)")
+      found = [Path(pattern)]
+    else:
+      matches = sorted(glob.glob(pattern, recursive=True))
+      found = [Path(m) for m in matches if os.path.isfile(m) and file_format(m)]
+      if not found:
+        raise InputError(f"{pattern}: no such file, directory or matching supported file")
+    out.extend(found)
+  seen = set()
+  return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def _open_binary(path: Path):
+  return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
+
+
+def iter_items(path: str | os.PathLike, columns: Sequence[str] | None = None) -> Iterator[Item]:
+  """Yields the raw records of one file; read errors become a final "error" item, never an exception.
+
+  columns: for parquet, the columns worth reading (None = all); ignored by the other formats.
+  """
+  path = Path(path)
+  fmt = file_format(path)
+  reader = {"jsonl": _jsonl, "json": _json, "csv": _csv, "txt": _txt, "parquet": _parquet}[fmt]
+  count = 0
+  try:
+    for item in reader(path, columns) if fmt == "parquet" else reader(path):
+      count += 1
+      yield item
+  except (OSError, EOFError, zlib.error, csv.Error, ValueError) as e:  # ValueError covers pyarrow.ArrowInvalid
+    yield Item(str(path), "error", (UNREADABLE_FILE, f"{type(e).__name__}: {e}"))
+    return
+  if count == 0:
+    yield Item(str(path), "error", (EMPTY_FILE, "no records"))
+
+
+def _jsonl(path: Path) -> Iterator[Item]:
+  with _open_binary(path) as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():  # blank lines (e.g. a trailing one) are not records
+        yield Item(f"{path}:{n}", "json", line, line=n)
+
+
+def _json(path: Path) -> Iterator[Item]:
+  with _open_binary(path) as f:
+    raw = f.read()
+  if not raw.strip():
+    return
+  try:
+    data = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    yield Item(str(path), "error", (INVALID_UTF8, str(e)))
+    return
+  except json.JSONDecodeError as e:
+    yield Item(f"{path}:{e.lineno}", "error", (MALFORMED_JSON, e.msg))
+    return
+  if not isinstance(data, list):
+    data = [data]  # a single object is one record
+  for n, obj in enumerate(data, 1):
+    yield Item(f"{path}#{n}", "obj", obj, line=n)
+
+
+def _csv(path: Path) -> Iterator[Item]:
+  csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default 128 KiB limit rejects long documents
+  with _open_binary(path) as fb:
+    # surrogateescape keeps reading past invalid bytes so that only the affected row is skipped (in `parse`).
+    text = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text)
+    start = reader.line_num + 2  # the header is line 1
+    for row in reader:
+      yield Item(f"{path}:{start}", "obj", row, line=start)
+      start = reader.line_num + 1
+
+
+def _parquet(path: Path, columns: Sequence[str] | None) -> Iterator[Item]:
+  import pyarrow.parquet as pq  # imported lazily: only parquet inputs need it
+
+  pf = pq.ParquetFile(path)
+  names = set(pf.schema_arrow.names)
+  cols = None if columns is None else [c for c in columns if c in names] or None
+  n = 0
+  for batch in pf.iter_batches(batch_size=1024, columns=cols):
+    for row in batch.to_pylist():
+      n += 1
+      yield Item(f"{path}#{n}", "obj", row, line=n)
+
+
+def _txt(path: Path) -> Iterator[Item]:
+  """Documents (split at separator lines) in parts of about TXT_PART_BYTES, cut where a paragraph starts."""
+  with _open_binary(path) as f:
+    buf, eof, first, line, want = b"", False, True, 1, 2 * TXT_PART_BYTES
+    while True:
+      sep = (_TXT_SEP_AT_EOF if eof else _TXT_SEP).search(buf)
+      if sep is None and not eof and len(buf) < want:
+        block = f.read(TXT_PART_BYTES)
+        eof = not block
+        buf += block
+        continue
+      end = sep.start() if sep else len(buf)
+      pos = 0
+      while end - pos >= TXT_PART_BYTES:
+        cut = _part_cut(buf, pos, end, may_force=sep is None and not eof)
+        if cut is None:
+          break
+        yield Item(f"{path}:{line}", "text", buf[pos:cut], first=first, last=False, line=line)
+        line += buf.count(b"\n", pos, cut)
+        first, pos = False, cut
+      if sep is None and not eof:
+        buf = buf[pos:]
+        want = 2 * TXT_PART_BYTES if pos else len(buf) + TXT_PART_BYTES  # no cut possible yet: read more first
+        continue
+      if pos < end or not first:
+        yield Item(f"{path}:{line}", "text", buf[pos:end], first=first, last=True, line=line)
+      if sep is None:
+        return
+      line += buf.count(b"\n", pos, sep.end())
+      buf, first, want = buf[sep.end() :], True, 2 * TXT_PART_BYTES
+
+
+def _part_cut(buf: bytes, pos: int, end: int, may_force: bool) -> int | None:
+  """The first paragraph start at least TXT_PART_BYTES after `pos`, or None.
+
+  A document with no paragraph break for TXT_MAX_HOLD bytes (may_force) is cut at its last line end instead,
+  which bounds memory; only there can the parts tokenize differently from the whole document.
+  """
+  m = _PARAGRAPH_CUT.search(buf, pos + TXT_PART_BYTES - 3, end)
+  while m and m.end() < pos + TXT_PART_BYTES:
+    m = _PARAGRAPH_CUT.search(buf, m.start() + 1, end)
+  if m:
+    return m.end()
+  if may_force and end - pos >= TXT_MAX_HOLD:
+    nl = buf.rfind(b"\n", pos, end)
+    return nl + 1 if nl >= pos else None
+  return None
+
+
+def parse(item: Item) -> Any:
+  """The decoded record of a "json" or "obj" item; raises RecordError for invalid UTF-8 or malformed JSON."""
+  if item.kind == "json":
+    try:
+      text = item.payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise RecordError(INVALID_UTF8, str(e)) from None
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise RecordError(MALFORMED_JSON, f"{e.msg} at column {e.colno}") from None
+  if item.kind == "obj":
+    if isinstance(item.payload, dict):
+      for key, value in item.payload.items():
+        if isinstance(value, str) and not _is_utf8(value):  # csv rows read with surrogateescape
+          raise RecordError(INVALID_UTF8, f"field {key!r} is not valid UTF-8")
+    return item.payload
+  raise TypeError(f"parse() does not handle {item.kind!r} items")
+
+
+def decode_text(item: Item) -> tuple[str, list[tuple[str, str, str]]]:
+  """A "text" item's text, and (loc, reason, detail) for each line dropped because it is not valid UTF-8."""
+  try:
+    return item.payload.decode("utf-8"), []
+  except UnicodeDecodeError:
+    pass
+  kept, bad = [], []
+  path = item.loc.rsplit(":", 1)[0]
+  for n, line in enumerate(item.payload.splitlines(keepends=True), item.line):
+    try:
+      kept.append(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      bad.append((f"{path}:{n}", INVALID_UTF8, str(e)))
+  return "".join(kept), bad
+
+
+def _is_utf8(s: str) -> bool:
+  try:
+    s.encode("utf-8")
+    return True
+  except UnicodeEncodeError:
+    return False
