@@ -1,0 +1,291 @@
+"""Preprocessing on shipped data: every input format, every SFT schema, DPO layouts, bad records, determinism."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DPO_FILE, SFT_DIR, SMALL_BOOKS, run_preprocess
+from mimix_jax.data import readers
+from mimix_jax.data.shards import read_manifest
+
+
+def load_sequences(shard_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
+  """All stored sequences (tokens, segment ids, loss mask or None) in order, straight from the .npy files."""
+  m = read_manifest(shard_dir)
+  toks, segs, masks = [], [], []
+  for shard in m["shards"]:
+    load = lambda key: np.load(shard_dir / f"{shard['name']}.{key}.npy")
+    t, s, off = load("tokens"), load("segment_ids"), load("offsets")
+    mk = load("loss_mask") if m["stage"] != "pretrain" else None
+    for a, b in zip(off[:-1], off[1:]):
+      toks.append(t[a:b].astype(np.int64))
+      segs.append(s[a:b].astype(np.int64))
+      masks.append(None if mk is None else mk[a:b])
+  return toks, segs, masks
+
+
+def unpack_documents(tok, rows: list[np.ndarray]) -> list[list[int]]:
+  """Inverts pretrain packing: drop padding and each continuation row's repeated first token, split at bos."""
+  stream: list[int] = []
+  for k, row in enumerate(rows):
+    row = row[row != tok.pad_id]
+    stream += row[1:].tolist() if k and row[0] != tok.bos_id else row.tolist()
+  docs, cur = [], None
+  for t in stream:
+    if t == tok.bos_id:
+      cur = [t]
+      docs.append(cur)
+    else:
+      cur.append(t)
+  return docs
+
+
+def shard_bytes(shard_dir: Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(shard_dir.glob("*.npy"))}
+
+
+def book_texts() -> list[str]:
+  return [gzip.open(p, "rt", encoding="utf-8").read() for p in SMALL_BOOKS]
+
+
+def test_pretrain_loses_no_token_and_packs_full_rows(tok, tokenizer_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "TXT_PART_BYTES", 8192)  # books arrive in many paragraph-aligned parts
+  out = tmp_path / "pt"
+  assert run_preprocess(tokenizer_dir, out, "pretrain", SMALL_BOOKS, 100) == 0
+  m = read_manifest(out)
+  rows, segs, _ = load_sequences(out)
+  expected = [tok.encode(t, bos=True, eos=True) for t in book_texts()]
+  assert unpack_documents(tok, rows) == expected
+  assert m["tokens"] == sum(map(len, expected))
+  n_continuations = sum(1 for r in rows[1:] if r[0] != tok.bos_id)
+  n_pad = sum(int((s == 0).sum()) for s in segs)
+  assert m["tokens_stored"] == m["tokens"] + n_continuations + n_pad == sum(map(len, rows))
+  assert all(len(r) == 101 for r in rows[:-1]) and 0 < len(rows[-1]) <= 101
+  assert m["records_read"] == m["records_written"] == 2 and m["skipped"] == {}
+  assert m["examples"] == len(rows) and m["stage"] == "pretrain" and m["max_len"] == 100
+  assert m["tokenizer_sha256"] == tok.sha256()
+  for r, s in zip(rows, segs):  # segments count documents within a row, from 1
+    starts = np.flatnonzero(r == tok.bos_id)
+    assert s[0] == 1 and np.all(np.diff(s) >= 0)
+    assert s[-1] == 1 + len(starts) - (r[0] == tok.bos_id)
+
+
+def test_jsonl_parquet_csv_and_txt_inputs_agree(tok, tokenizer_dir, tmp_path):
+  paras = [p for p in book_texts()[0].split("\n\n") if p.strip()][:400]
+  (tmp_path / "in").mkdir()
+  with gzip.open(tmp_path / "in" / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+    for p in paras[:150]:
+      f.write(json.dumps({"text": p, "n": 1}) + "\n")
+  pq.write_table(pa.table({"text": paras[150:300], "n": list(range(150))}), tmp_path / "in" / "b.parquet", row_group_size=40)
+  with open(tmp_path / "in" / "c.csv", "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, ["n", "text"])
+    w.writeheader()
+    w.writerows({"n": 0, "text": p} for p in paras[300:350])
+  (tmp_path / "in" / "d.txt").write_text("\n<|endoftext|>\n".join(paras[350:]), encoding="utf-8")
+  (tmp_path / "in" / "README.md").write_text("not an input")  # ignored inside a directory
+  out = tmp_path / "mixed"
+  assert run_preprocess(tokenizer_dir, out, "pretrain", [tmp_path / "in"], 64) == 0
+  m = read_manifest(out)
+  assert m["records_read"] == m["records_written"] == len(paras) and m["skipped"] == {}
+  assert [Path(i["path"]).name for i in m["inputs"]] == ["a.jsonl.gz", "b.parquet", "c.csv", "d.txt"]
+  # The txt file's last document has no trailing newline; others as written.
+  docs = unpack_documents(tok, load_sequences(out)[0])
+  assert docs == [tok.encode(p, bos=True, eos=True) for p in paras[:350]] + \
+      [tok.encode(p + "\n", bos=True, eos=True) for p in paras[350:-1]] + [tok.encode(paras[-1], bos=True, eos=True)]
+
+
+def test_shards_are_deterministic_and_independent_of_workers(tokenizer_dir, tmp_path):
+  inputs = [*SMALL_BOOKS, SFT_DIR / "fastchat_identity.jsonl.gz"]
+  for name, workers in (("a", "1"), ("b", "1"), ("c", "2")):
+    assert run_preprocess(tokenizer_dir, tmp_path / name, "pretrain", inputs, 50, "--workers", workers,
+                          "--text_field", "text", "messages") == 0
+  a, b, c = (shard_bytes(tmp_path / n) for n in "abc")
+  assert a == b == c and len(a) == 3
+  ma, mc = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
+  assert {k: v for k, v in ma.items() if k != "command"} == {k: v for k, v in mc.items() if k != "command"}
+  assert "--workers 2" in mc["command"]
+
+
+SCHEMA_RECORDS = [
+    {"conversations": [{"from": "human", "value": "Who wrote Hamlet?"}, {"from": "gpt", "value": "Shakespeare."}]},
+    {"conversation": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "times 3?"}, {"role": "assistant", "content": "12"}]},
+    {"system_prompt": "You answer in French.", "question": "Hello?", "response": "Bonjour."},
+    {"question": "No system prompt here?", "response": "None at all."},
+]
+
+
+def test_sft_accepts_every_reference_schema(tok, tokenizer_dir, tmp_path):
+  src = tmp_path / "schemas.jsonl"
+  src.write_text("".join(json.dumps(r) + "\n" for r in SCHEMA_RECORDS))
+  out = tmp_path / "sft"
+  assert run_preprocess(tokenizer_dir, out, "sft", [src], 256, "--system_message", "Default system.") == 0
+  m = read_manifest(out)
+  assert m["records_written"] == 5 and m["skipped"] == {}
+  toks, segs, masks = load_sequences(out)
+  rendered = [tok.decode(t, skip_special=False) for t in toks]
+  H = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+  assert rendered[0] == f"<|begin_of_text|>{H('system')}Default system.<|eot_id|>{H('user')}Who wrote Hamlet?<|eot_id|>{H('assistant')}Shakespeare.<|eot_id|>"
+  assert rendered[1].startswith(f"<|begin_of_text|>{H('system')}Be kind.<|eot_id|>{H('user')}Hi")  # own system kept
+  assert rendered[3].startswith(f"<|begin_of_text|>{H('system')}You answer in French.<|eot_id|>{H('user')}Hello?")
+  trained = [tok.decode(t[mk == 1], skip_special=False) for t, mk in zip(toks, masks)]
+  assert trained == ["Shakespeare.<|eot_id|>", "Hello!<|eot_id|>", "4<|eot_id|>12<|eot_id|>", "Bonjour.<|eot_id|>",
+                     "None at all.<|eot_id|>"]
+  assert all(np.all(s == 1) for s in segs)
+
+
+def test_sft_shipped_files_truncation_and_packing(tok, tokenizer_dir, tmp_path):
+  inputs = sorted(SFT_DIR.glob("*.jsonl.gz"))
+  assert run_preprocess(tokenizer_dir, tmp_path / "full", "sft", inputs, 4096) == 0
+  full = read_manifest(tmp_path / "full")
+  assert full["records_read"] == full["records_written"] == 2026 + 500 + 60 and full["truncated"] == {}
+  assert run_preprocess(tokenizer_dir, tmp_path / "short", "sft", inputs, 96) == 0
+  short = read_manifest(tmp_path / "short")
+  toks, _, masks = load_sequences(tmp_path / "short")
+  assert all(len(t) <= 97 and mk.any() for t, mk in zip(toks, masks))
+  assert short["truncated"]["at_turn"] > 0 and short["truncated"]["mid_turn"] > 0
+  assert short["skipped"] == {"no_target_within_max_len": short["records_read"] - short["records_written"]}
+  at_turn = [t for t in toks if t[-1] == tok.eot_id]
+  assert len(at_turn) >= short["records_written"] - short["truncated"]["mid_turn"]
+  # Packing stores the same conversations, whole, several per sequence.
+  assert run_preprocess(tokenizer_dir, tmp_path / "packed", "sft", inputs, 96, "--pack") == 0
+  packed = read_manifest(tmp_path / "packed")
+  ptoks, psegs, pmasks = load_sequences(tmp_path / "packed")
+  assert packed["examples"] < short["examples"] and packed["tokens"] == short["tokens"]
+  assert np.array_equal(np.concatenate(ptoks), np.concatenate(toks))
+  assert np.array_equal(np.concatenate(pmasks), np.concatenate(masks))
+  assert all(len(t) <= 97 for t in ptoks)
+  assert sum(int(s.max()) for s in psegs) == short["examples"]
+
+
+def test_dpo_layouts_mask_only_the_completion(tok, tokenizer_dir, tmp_path):
+  lines = gzip.open(DPO_FILE, "rt", encoding="utf-8").readlines()[:40]
+  shipped40 = tmp_path / "shipped40.jsonl"
+  shipped40.write_text("".join(lines))
+  pairs = [json.loads(line) for line in lines]
+  ultra = tmp_path / "ultra.jsonl"  # UltraFeedback: whole conversations, prompt as a string
+  ultra.write_text("".join(json.dumps({"prompt": p["prompt"][0]["content"], "chosen": p["prompt"] + p["chosen"],
+                                       "rejected": p["prompt"] + p["rejected"]}) + "\n" for p in pairs))
+  plain = tmp_path / "plain.jsonl"  # prompt + chosen + reject as strings
+  plain.write_text("".join(json.dumps({"prompt": p["prompt"][0]["content"], "chosen": p["chosen"][0]["content"],
+                                       "reject": p["rejected"][0]["content"]}) + "\n" for p in pairs))
+  for name, src in (("shipped", shipped40), ("ultra", ultra), ("plain", plain)):
+    assert run_preprocess(tokenizer_dir, tmp_path / name, "dpo", [src], 1024) == 0
+  assert shard_bytes(tmp_path / "shipped") == shard_bytes(tmp_path / "ultra") == shard_bytes(tmp_path / "plain")
+  toks, segs, masks = load_sequences(tmp_path / "shipped")
+  assert len(toks) == 80 and all(np.all(s == 1) for s in segs)
+  for k, p in enumerate(pairs):
+    for j, key in enumerate(("chosen", "rejected")):
+      t, mk = toks[2 * k + j], masks[2 * k + j]
+      assert tok.decode(t[mk == 1], skip_special=False) == p[key][0]["content"].strip() + "<|eot_id|>"
+      assert tok.decode(t[mk == 0], skip_special=False).endswith(
+          f"{p['prompt'][0]['content'].strip()}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_dpo_pairs_with_truncated_completions_are_dropped(tokenizer_dir, dpo_shards, tmp_path):
+  full = read_manifest(dpo_shards)
+  assert full["records_read"] == 2026 and full["examples"] == full["records_written"]
+  assert run_preprocess(tokenizer_dir, tmp_path / "short", "dpo", [DPO_FILE], 24) == 0
+  short = read_manifest(tmp_path / "short")
+  dropped = short["skipped"]["completion_truncated"]
+  assert dropped > full["skipped"].get("completion_truncated", 0)
+  assert short["records_written"] == short["examples"] == 2026 - dropped
+  assert short["truncated"]["completion_cut"] > 0
+  _, _, masks = load_sequences(tmp_path / "short")
+  assert all(m.any() for m in masks)
+
+
+def write_bad_inputs(d: Path) -> dict[str, int]:
+  """A directory of broken inputs next to 3 good records; returns the expected skip counts."""
+  d.mkdir()
+  lines = [
+      b'{"text": "A good first record."}',
+      b'{"text": "unterminated',
+      b'{"title": "no text field"}',
+      b'{"text": 42}',
+      b'{"text": "   "}',
+      b'["not", "an", "object"]',
+      b'{"text": "bad byte \xff here"}',
+      b"",
+      b'{"text": "A good last record."}',
+  ]
+  (d / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  (d / "empty.jsonl").write_bytes(b"")
+  (d / "broken.jsonl.gz").write_bytes(b"this is not gzip data")
+  (d / "doc.txt").write_bytes(b"A good text document.\nwith a bad \xfe line\nand more.\n")
+  (d / "list.json").write_text('[{"text": "fine"}, {"text": ""}]')
+  return {"malformed_json": 1, "missing_field": 1, "wrong_type": 2, "empty_text": 2, "invalid_utf8": 2,
+          "empty_file": 1, "unreadable_file": 1}
+
+
+def test_bad_records_are_skipped_counted_and_located(tok, tokenizer_dir, tmp_path, capsys):
+  expected = write_bad_inputs(tmp_path / "in")
+  out = tmp_path / "out"
+  assert run_preprocess(tokenizer_dir, out, "pretrain", [tmp_path / "in"], 32) == 0
+  m = read_manifest(out)
+  assert m["skipped"] == expected
+  assert m["records_written"] == 4  # 2 jsonl, the txt document (minus its bad line), 1 from the .json list
+  err = capsys.readouterr().err
+  assert f"{tmp_path / 'in' / 'mixed.jsonl'}:2: malformed_json" in err
+  assert f"{tmp_path / 'in' / 'doc.txt'}:2: invalid_utf8" in err
+  assert f"{tmp_path / 'in' / 'list.json'}#2: empty_text" in err
+  docs = [tok.decode(d) for d in unpack_documents(tok, load_sequences(out)[0])]
+  # Directory order: broken.jsonl.gz, doc.txt, empty.jsonl, list.json, mixed.jsonl.
+  assert docs == ["A good text document.\nand more.\n", "fine", "A good first record.", "A good last record."]
+
+
+def test_strict_and_all_bad_runs_fail_cleanly_without_output(tokenizer_dir, tmp_path, capsys):
+  write_bad_inputs(tmp_path / "in")
+  out = tmp_path / "out"
+  # Shards of the two books are already written (tiny --shard_tokens) when the bad record arrives.
+  inputs = [*SMALL_BOOKS, tmp_path / "in" / "mixed.jsonl"]
+  assert run_preprocess(tokenizer_dir, out, "pretrain", inputs, 32, "--strict", "--shard_tokens", "1000") == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and f"{tmp_path / 'in' / 'mixed.jsonl'}:2: malformed_json" in err and "--strict" in err
+  assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no temp dir left behind
+  assert run_preprocess(tokenizer_dir, out, "sft", [tmp_path / "in"], 32) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("preprocess: error: no valid records") and err.count("\n") == 0
+  assert not out.exists()
+  assert run_preprocess(tokenizer_dir, out, "pretrain", [tmp_path / "nothing*.jsonl"], 32) == 1
+  assert "no such file" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(tokenizer_dir, pretrain_shards, tmp_path, capsys):
+  out = tmp_path / "pt"
+  assert run_preprocess(tokenizer_dir, out, "pretrain", SMALL_BOOKS[:1], 64) == 0
+  before = shard_bytes(out)
+  assert run_preprocess(tokenizer_dir, out, "pretrain", SMALL_BOOKS, 64) == 1
+  assert "--overwrite" in capsys.readouterr().err and shard_bytes(out) == before
+  assert run_preprocess(tokenizer_dir, out, "pretrain", SMALL_BOOKS, 64, "--overwrite") == 0
+  assert shard_bytes(out) == shard_bytes(pretrain_shards)
+
+
+def test_sample_ratio_is_seeded(tokenizer_dir, tmp_path):
+  src = SFT_DIR / "chatterbot_en.jsonl.gz"
+  for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+    assert run_preprocess(tokenizer_dir, tmp_path / name, "sft", [src], 128, "--sample_ratio", "0.25", "--seed", seed) == 0
+  a, c = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
+  assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b") != shard_bytes(tmp_path / "c")
+  assert a["records_written"] + a["sampled_out"] == 2026 and 400 < a["records_written"] < 620
+
+
+@pytest.mark.parametrize("bad", ["--max_len=0", "--sample_ratio=0"])
+def test_invalid_flags_fail(tokenizer_dir, tmp_path, bad, capsys):
+  name, value = bad.split("=")
+  argv = ["--stage", "pretrain", "--tokenizer", str(tokenizer_dir), "--input", str(SMALL_BOOKS[0]),
+          "--output", str(tmp_path / "o"), "--max_len", "8", name, value]
+  from mimix_jax import preprocess
+
+  assert preprocess.main(argv) == 1
+  assert name in capsys.readouterr().err
