@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   skipped = sum(m["skipped"].values())
   print(f"preprocess: {args.stage}: read {m['records_read']:,} records, wrote {m['records_written']:,}, skipped {skipped:,}"
         f"{' ' + str(m['skipped']) if skipped else ''}; {m['tokens']:,} tokens in {m['examples']:,} examples of <= {args.max_len + 1} tokens"
-        f" ({len(m['shards'])} shards) -> {args.output} in {m['seconds']:.1f}s ({m['tokens'] / max(m['seconds'], 1e-9):,.0f} tokens/s)")
+        f" ({len(m['shards'])} shards) -> {args.output} in {m['seconds']:.2f}s ({m['tokens'] / max(m['seconds'], 1e-9):,.0f} tokens/s)")
   return 0
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +165,15 @@ def test_bad_arguments_are_refused(pretrain_shards):
     make_iterator(str(pretrain_shards), stage="pretrain", global_batch_size=9, seed=0, process_count=2)
   with pytest.raises(FileNotFoundError, match="no manifest.json"):
     make_iterator(str(pretrain_shards / "nope"), stage="pretrain", global_batch_size=8, seed=0)
+
+
+def test_bench_data_smoke(tmp_path):
+  """bench/bench_data.py end to end at toy size (the real run is not part of the suite)."""
+  results = tmp_path / "bench.jsonl"
+  bench = Path(__file__).resolve().parents[1] / "bench" / "bench_data.py"
+  proc = subprocess.run([sys.executable, str(bench), "--smoke", "--json", str(results)], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in results.read_text().splitlines()]
+  assert [r["bench"] for r in rows] == ["tokenizer_train", "preprocess_pretrain", "preprocess_pretrain", "loader_pretrain"]
+  assert all(r.get("tokens_per_s", 1) > 0 for r in rows) and rows[1]["tokens"] == rows[2]["tokens"]
+  assert "| loader (Grain, 0 workers) |" in proc.stdout
