@@ -8,8 +8,14 @@ The main process streams the inputs (readers.py) and cuts them into tasks; `--wo
 validate and tokenize the tasks; the main process packs the results in input order (packing.py) and writes
 shards (shards.py). Output depends only on the inputs and flags, never on the worker count. Everything is
 written to a temporary directory renamed to SHARD_DIR at the end, so an interrupted run leaves no output.
-Bad records are skipped and counted per reason; the run fails (exit 1, one line on stderr, no output) only
-when nothing valid remains, or at the first bad record with --strict.
+Bad records are skipped and counted per reason (for .txt files, lines that are not valid UTF-8 are dropped
+and counted, and the rest of the document is kept); the run fails (exit 1, one line on stderr, no output)
+only when nothing valid remains, or at the first bad record with --strict.
+
+manifest.json: stage, max_len, records_read / records_written (input records), skipped {reason: count} and
+the first skipped_examples ("file:line: reason: detail"), truncated {how: count}, tokens (document tokens
+written, bos/eos included, padding and the repeated first token of continuation rows excluded),
+tokens_stored, examples (records the loader serves), shards, tokenizer_sha256 and the exact command.
 """
 
 from __future__ import annotations
@@ -217,12 +223,21 @@ def make_tasks(paths: Sequence[Path], columns: Sequence[str] | None, sample_rati
         if not keep:
           continue
       task.append(item)
-      size += len(item.payload) if isinstance(item.payload, bytes) else 256
+      size += _payload_size(item.payload)
       if size >= TASK_BYTES or len(task) >= TASK_ITEMS:
         yield task
         task, size = [], 0
   if task:
     yield task
+
+
+def _payload_size(payload: Any) -> int:
+  """Rough bytes of a raw record, so tasks of huge parquet rows stay small."""
+  if isinstance(payload, bytes):
+    return len(payload)
+  if isinstance(payload, dict):
+    return 64 + sum(len(v) for v in payload.values() if isinstance(v, str))
+  return 256
 
 
 def _ordered_map(settings: Settings, tasks: Iterable[list[readers.Item]], workers: int) -> Iterator[TaskResult]:

@@ -103,13 +103,16 @@ def test_jsonl_parquet_csv_and_txt_inputs_agree(tok, tokenizer_dir, tmp_path):
 
 
 def test_shards_are_deterministic_and_independent_of_workers(tokenizer_dir, tmp_path):
-  inputs = [*SMALL_BOOKS, SFT_DIR / "fastchat_identity.jsonl.gz"]
+  paras = [p for p in book_texts()[0].split("\n\n") if p.strip()]
+  (tmp_path / "paras.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in paras))
+  inputs = [*SMALL_BOOKS, tmp_path / "paras.jsonl"]
   for name, workers in (("a", "1"), ("b", "1"), ("c", "2")):
     assert run_preprocess(tokenizer_dir, tmp_path / name, "pretrain", inputs, 50, "--workers", workers,
-                          "--text_field", "text", "messages") == 0
+                          "--text_field", "body") == 0
   a, b, c = (shard_bytes(tmp_path / n) for n in "abc")
   assert a == b == c and len(a) == 3
   ma, mc = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "c")
+  assert ma["records_written"] == len(paras) + 2 and ma["skipped"] == {}
   assert {k: v for k, v in ma.items() if k != "command"} == {k: v for k, v in mc.items() if k != "command"}
   assert "--workers 2" in mc["command"]
 

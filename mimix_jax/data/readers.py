@@ -180,7 +180,7 @@ def _parquet(path: Path, columns: Sequence[str] | None) -> Iterator[Item]:
 
   pf = pq.ParquetFile(path)
   names = set(pf.schema_arrow.names)
-  cols = None if columns is None else [c for c in columns if c in names] or None
+  cols = None if columns is None else [c for c in columns if c in names]  # [] still yields one {} per row
   n = 0
   for batch in pf.iter_batches(batch_size=1024, columns=cols):
     for row in batch.to_pylist():
