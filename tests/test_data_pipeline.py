@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
+from etils import epath
 
 from mimix_jax.data import make_iterator, read_manifest
 from mimix_jax.data.shards import ShardSource
@@ -124,6 +126,16 @@ def test_resume_from_saved_state_yields_identical_batches(pretrain_shards):
   resumed = make_iterator(str(pretrain_shards), **kwargs)
   resumed.set_state(state)
   assert_same_batches(take(resumed, 5), expected)
+
+
+def test_grain_orbax_checkpoint_handler_round_trips_the_iterator(pretrain_shards, tmp_path):
+  kwargs = dict(stage="pretrain", global_batch_size=8, seed=4)
+  it = make_iterator(str(pretrain_shards), **kwargs)
+  take(it, 2)
+  grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), it)
+  expected = take(it, 3)
+  restored = grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), make_iterator(str(pretrain_shards), **kwargs))
+  assert_same_batches(take(restored, 3), expected)
 
 
 def test_worker_processes_give_the_same_batches_and_resume(pretrain_shards):
