@@ -14,7 +14,8 @@ import pytest
 
 from conftest import DPO_FILE, SFT_DIR, SMALL_BOOKS, run_preprocess
 from mimix_jax.data import readers
-from mimix_jax.data.shards import read_manifest
+from mimix_jax.data.packing import DocumentPacker
+from mimix_jax.data.shards import ShardWriter, read_manifest
 
 
 def load_sequences(shard_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
@@ -292,3 +293,36 @@ def test_invalid_flags_fail(tokenizer_dir, tmp_path, bad, capsys):
 
   assert preprocess.main(argv) == 1
   assert name in capsys.readouterr().err
+
+
+def test_packing_predicts_every_document_token_exactly_once(tmp_path):
+  """Random documents cut into random parts, packed into short rows of every size from 2 to 9 (seeded)."""
+  rng = np.random.default_rng(0)
+  bos, eos, pad = 1, 2, 6
+  for trial in range(200):
+    row_len = int(rng.integers(2, 10))
+    docs = [[bos, *rng.integers(10, 99, rng.integers(0, 20)).tolist(), eos] for _ in range(rng.integers(1, 6))]
+    out = tmp_path / str(trial)
+    out.mkdir()
+    writer = ShardWriter(out, "pretrain", vocab_size=100, shard_tokens=1 << 20)
+    packer = DocumentPacker(row_len, writer, pad, block_rows=int(rng.integers(1, 4)))
+    for d in docs:
+      cuts = np.sort(rng.choice(np.arange(1, len(d)), min(len(d) - 1, int(rng.integers(0, 4))), replace=False))
+      parts = np.split(np.asarray(d, np.int32), cuts)
+      for j, part in enumerate(parts):
+        packer.add(part, continues_doc=j > 0, ends_doc=j == len(parts) - 1)
+    packer.finish()
+    writer.flush()
+    tokens, segs, offsets = (np.load(out / f"shard-00000.{k}.npy").astype(np.int64) for k in ("tokens", "segment_ids", "offsets"))
+    rows = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    row_segs = [segs[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    assert all(len(r) == row_len for r in rows[:-1])
+    assert all(np.all(r[s == 0] == pad) for r, s in zip(rows, row_segs))
+    stream = []
+    for k, (r, s) in enumerate(zip(rows, row_segs)):
+      r = r[s != 0]
+      stream += r[1:].tolist() if k and r[0] != bos else r.tolist()
+    assert stream == sum(docs, [])
+    # (input, target) pairs inside one segment: every document token but bos is a target once.
+    targets = sum(int(np.sum((s[1:] == s[:-1]) & (s[1:] != 0))) for s in row_segs)
+    assert targets == sum(len(d) - 1 for d in docs)
