@@ -19,6 +19,7 @@ def get_config(stage="pretrain"):
 
   # 150 sequences per GPU per step do not fit at once: 5 micro-batches of 30 (planner: ~36 GiB per device).
   c.grad_accum_steps = 5
+  c.loss_chunk = 256  # never materialise [30, 1024, 50304] float32 logits (6 GB per GPU)
 
   #                     stage      max_len batch  steps    lr     warmup
   if stage == "pretrain":

@@ -28,6 +28,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.max_len = c.model.max_len  # training sequence length; also written to the model's max_len
   c.batch_size = 8  # global, in sequences (pairs for DPO), per optimizer step
   c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+  c.loss_chunk = 0  # positions per cross-entropy chunk (bounds [B, chunk, V] logits memory); 0 = all at once
   c.total_steps = 100
   c.tokenizer_path = ""
   c.init_from = ""  # run dir or checkpoint step dir: load params only, new optimizer

@@ -13,58 +13,52 @@ import jax.numpy as jnp
 from mimix_jax.model import mask_padded_vocab
 
 
-def _chunk_size(length: int, target: int) -> int:
-  for c in range(min(target, length), 0, -1):
-    if length % c == 0:
-      return c
-  return length
+def token_nll(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int, chunk: int = 0):
+  """Per-token NLL and logsumexp in float32. h [B, T, d] final hidden states; table [V_padded, d]; targets [B, T].
 
-
-def token_nll(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int, chunk: int = 256):
-  """Per-token NLL and logsumexp, float32, without materialising [B, T, V] logits.
-
-  h [B, T, d] final hidden states; table [V_padded, d] the tied embedding; targets [B, T].
-  The sequence is processed in chunks of `chunk` positions whose logits are recomputed in the backward pass,
-  so peak memory holds one [B, chunk, V] block. Returns nll [B, T], lse [B, T].
+  chunk > 0 processes `chunk` positions at a time under jax.checkpoint, so peak memory holds one [B, chunk, V]
+  logits block instead of [B, T, V] (needed for large vocabularies on a GPU; on a CPU the recomputation costs
+  more than the memory saves, so chunk = 0 computes everything at once). Returns nll [B, T], lse [B, T].
   """
   b, t, d = h.shape
-  c = _chunk_size(t, chunk)
-  hs = h.reshape(b, t // c, c, d).swapaxes(0, 1)  # [N, B, c, d]
-  ts = targets.reshape(b, t // c, c).swapaxes(0, 1)  # [N, B, c]
   table = table.astype(h.dtype)
 
-  @jax.checkpoint
-  def one_chunk(args):
-    hc, tc = args
+  def nll_of(hc, tc):
     logits = jnp.einsum("bcd,vd->bcv", hc, table, preferred_element_type=jnp.float32)
     logits = mask_padded_vocab(logits, vocab_size)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     return lse - target_logit, lse
 
-  nll, lse = jax.lax.map(one_chunk, (hs, ts))
+  if chunk <= 0 or chunk >= t:
+    return nll_of(h, targets)
+  if t % chunk:
+    raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {t}")
+  hs = h.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)  # [N, B, c, d]
+  ts = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)  # [N, B, c]
+  nll, lse = jax.lax.map(jax.checkpoint(lambda args: nll_of(*args)), (hs, ts))
   return nll.swapaxes(0, 1).reshape(b, t), lse.swapaxes(0, 1).reshape(b, t)
 
 
-def lm_loss(model, batch: dict, z_loss: float = 0.0):
+def lm_loss(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
   """Token-weighted next-token loss. batch: inputs, targets, loss_mask, segment_ids, positions [B, T].
 
   Returns (sum of weighted NLL (+ z-loss), token count, metric sums).
   """
   h, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-  nll, lse = token_nll(h, model.embed[...], batch["targets"], model.cfg.vocab_size)
+  nll, lse = token_nll(h, model.embed[...], batch["targets"], model.cfg.vocab_size, chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
   nll_sum = jnp.sum(nll * mask)
   total = nll_sum + z_loss * jnp.sum(jnp.square(lse) * mask)
   return total, jnp.sum(mask), {"nll": nll_sum}
 
 
-def sequence_logps(model, batch: dict) -> tuple[jax.Array, jax.Array]:
+def sequence_logps(model, batch: dict, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """Summed (float32) log-probs and token counts of the masked targets. batch arrays [B, 2, T] -> [B, 2]."""
   b, two, t = batch["inputs"].shape
   flat = {k: batch[k].reshape(b * two, t) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
   h, _ = model.hidden(flat["inputs"], flat["positions"], flat["segment_ids"])  # chosen & rejected in one pass
-  nll, _ = token_nll(h, model.embed[...], flat["targets"], model.cfg.vocab_size)
+  nll, _ = token_nll(h, model.embed[...], flat["targets"], model.cfg.vocab_size, chunk)
   mask = flat["loss_mask"].astype(jnp.float32)
   return -jnp.sum(nll * mask, -1).reshape(b, two), jnp.sum(mask, -1).reshape(b, two)
 
@@ -95,13 +89,14 @@ def dpo_terms(policy_logps, reference_logps, counts, *, beta, loss_type="sigmoid
       logps_chosen=policy_logps[:, 0], logps_rejected=policy_logps[:, 1])
 
 
-def dpo_loss(model, batch: dict, reference_logps, *, beta, loss_type, label_smoothing, dpo_weight, sft_weight):
+def dpo_loss(model, batch: dict, reference_logps, *, beta, loss_type, label_smoothing, dpo_weight, sft_weight,
+             chunk: int = 0):
   """Sum over pairs of dpo_weight * DPO + sft_weight * SFT, the number of valid pairs, and metric sums.
 
   The reference's weighting is dpo_weight 0.1, sft_weight 1 (loss = sft + 0.1 dpo); TRL's RPO is dpo_weight 1,
   sft_weight alpha.
   """
-  logps, counts = sequence_logps(model, batch)
+  logps, counts = sequence_logps(model, batch, chunk)
   terms = dpo_terms(logps, reference_logps, counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
   valid = terms["valid"]
   total = jnp.sum(dpo_weight * terms["dpo"] + sft_weight * terms["sft"])

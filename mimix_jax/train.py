@@ -95,8 +95,12 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
                          enabled=is_main)
   stop = _StopFlag()
 
+  last_saved = start
+
   def save(step, force=False):
+    nonlocal last_saved
     ckpt.save(step, state, json.dumps(iterator.get_state()).encode(), {"nonfinite_run": nonfinite_run}, force=force)
+    last_saved = step
     logger.plot()
 
   step, exit_code = start, 0
@@ -126,9 +130,11 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
       if stop.requested:
         logger.write(f"signal received: saving step {step} and exiting")
         break
-    save(step, force=True)
+    if step != last_saved:
+      save(step, force=True)
     ckpt.close()
   logger.close()
+  stop.restore()
   if is_main and exit_code == 0:
     print(json.dumps({"stage": cfg.stage, "run_dir": str(run_dir), "step": step,
                       "loss": logger.history[-1][1] if logger.history else None}), flush=True)
@@ -174,13 +180,13 @@ def _dpo_reference(cfg, trainer, params, run_dir: Path, path: str | None = None)
   cache = run_dir / f"reference_logps_{name}.npy"
   if cache.exists():
     return _ReferenceLogps(np.load(cache))
-  n = int(data_lib.read_manifest(path)["records_written"])
+  n = int(data_lib.read_manifest(path)["examples"])
   micro = cfg.batch_size // cfg.grad_accum_steps
   iterator = data_lib.make_iterator(
       path, stage="dpo", global_batch_size=micro, seed=cfg.seed, shuffle=False, num_epochs=1,
       process_index=jax.process_index(), process_count=jax.process_count(), drop_remainder=False)
   from flax import nnx
-  logps_fn = jax.jit(lambda p, b: losses.sequence_logps(nnx.merge(trainer.graphdef, p), b)[0],
+  logps_fn = jax.jit(lambda p, b: losses.sequence_logps(nnx.merge(trainer.graphdef, p), b, cfg.loss_chunk)[0],
                      out_shardings=jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
   table = np.zeros((n, 2), np.float32)
   if cfg.dpo.reference != "precompute":
@@ -201,6 +207,9 @@ def _check_data(cfg, manifest: dict) -> None:
   stage = "pretrain" if cfg.stage == "pretrain" else cfg.stage
   if manifest.get("stage") != stage:
     raise ValueError(f"{cfg.data.train_path}: shards are for stage {manifest.get('stage')!r}, config trains {stage!r}")
+  if int(manifest.get("vocab_size", 0)) > cfg.model.vocab_size:
+    raise ValueError(f"{cfg.data.train_path}: tokenizer has {manifest['vocab_size']} ids, the model only "
+                     f"{cfg.model.vocab_size} (set --config.model.vocab_size={manifest['vocab_size']})")
   if int(manifest.get("max_len", cfg.max_len)) != cfg.max_len:
     raise ValueError(f"{cfg.data.train_path}: shards have max_len {manifest['max_len']}, config max_len is {cfg.max_len}"
                      f" (re-run preprocessing with --max_len {cfg.max_len} or set --config.max_len)")
@@ -229,12 +238,15 @@ def _write_run_files(cfg, model_cfg, run_dir: Path, data_manifest: dict, command
 
 
 class _StopFlag:
-  """SIGTERM / SIGINT request a checkpoint and a clean exit at the next step boundary."""
+  """SIGTERM / SIGINT request a checkpoint and a clean exit at the next step boundary (until `restore`)."""
 
   def __init__(self):
     self.requested = False
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def restore(self):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
     if self.requested:  # a second signal: stop now

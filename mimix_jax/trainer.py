@@ -109,11 +109,11 @@ def build(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh) ->
 def make_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
   """(model, batch, extra) -> (loss sum, count, metric sums). extra: DPO reference log-probs [b, 2] or None."""
   if cfg.stage in ("pretrain", "sft"):
-    return lambda model, batch, extra: losses.lm_loss(model, batch, cfg.optimizer.z_loss)
+    return lambda model, batch, extra: losses.lm_loss(model, batch, cfg.optimizer.z_loss, cfg.loss_chunk)
   d = cfg.dpo
   return lambda model, batch, reference_logps: losses.dpo_loss(
       model, batch, reference_logps, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-      dpo_weight=d.dpo_weight, sft_weight=d.sft_weight)
+      dpo_weight=d.dpo_weight, sft_weight=d.sft_weight, chunk=cfg.loss_chunk)
 
 
 def _mirror_param_shardings(abstract_opt, abstract_params, param_sh, mesh):

@@ -1,0 +1,123 @@
+"""`make demo`: the whole pipeline on the shipped data with the tiny model, on a CPU.
+
+tokenizer -> pretrain preprocessing -> pretrain -> length extension -> SFT preprocessing -> SFT -> DPO
+preprocessing -> DPO -> perplexity -> export (verified) -> one chat reply. Each stage is one of the project's
+own commands run as a subprocess (exactly what a user would type; printed before it runs). A stage whose output
+is complete is reused, so re-running is cheap; `make demo-clean` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def sh(cmd: list[str], summary: list[str], name: str) -> str:
+  print(f"\n=== {name}\n$ {shlex.join(cmd)}", flush=True)
+  t0 = time.perf_counter()
+  out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  sys.stdout.write(out.stdout)
+  if out.returncode:
+    sys.exit(f"demo: stage {name!r} failed (exit {out.returncode}): {shlex.join(cmd)}")
+  summary.append(f"{name:<18} {time.perf_counter() - t0:7.1f} s")
+  return out.stdout
+
+
+def last_json(stdout: str) -> dict:
+  for line in reversed(stdout.strip().splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  return {}
+
+
+def split_pairs(source: Path, train: Path, held_out: Path, every: int = 10) -> None:
+  """Every `every`-th preference pair goes to the held-out split (by line, deterministic)."""
+  if train.exists() and held_out.exists():
+    return
+  train.parent.mkdir(parents=True, exist_ok=True)
+  lines = gzip.open(source, "rt").read().splitlines()
+  held_out.write_text("".join(l + "\n" for i, l in enumerate(lines) if i % every == 0))
+  train.write_text("".join(l + "\n" for i, l in enumerate(lines) if i % every))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--workdir", default="demo_out")
+  p.add_argument("--config", default="configs/tiny.py")
+  p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (tests use < 1)")
+  args = p.parse_args(argv)
+  out = Path(args.workdir)
+  py = [sys.executable, "-m"]
+  summary: list[str] = []
+  tok = out / "tokenizer"
+
+  def steps(n: int) -> list[str]:
+    return [f"--config.total_steps={max(int(n * args.scale), 2)}"]
+
+  def train(stage: str, n: int, extra=()):
+    run_dir = out / "runs" / stage
+    overrides = [f"--config.tokenizer_path={tok}", f"--config.data.train_path={out}/data/{_data_name(stage)}",
+                 f"--config.init_from={out}/runs/{_previous(stage)}" if _previous(stage) else "--config.init_from="]
+    return last_json(sh(py + ["mimix_jax.train", "--config", f"{args.config}:{stage}", "--workdir", str(run_dir),
+                              *overrides, *steps(n), *extra], summary, stage))
+
+  if not (tok / "tokenizer.model").exists():
+    sh(py + ["mimix_jax.tokenizer", "--input", str(DATA / "corpus/train"), "--vocab_size", "8000",
+             "--output", str(tok)], summary, "tokenizer")
+
+  def preprocess(stage: str, name: str, inputs: list[str], max_len: int, extra=()):
+    if not (out / "data" / name / "manifest.json").exists():
+      sh(py + ["mimix_jax.preprocess", "--stage", stage, "--tokenizer", str(tok), "--input", *inputs,
+               "--output", str(out / "data" / name), "--max_len", str(max_len), *extra], summary, f"prep {name}")
+
+  preprocess("pretrain", "pretrain_128", [str(DATA / "corpus/train")], 128)
+  preprocess("pretrain", "pretrain_256", [str(DATA / "corpus/train")], 256)
+  pre = train("pretrain", 200)
+  ext = train("pretrain_2048", 60)
+  preprocess("sft", "sft", [str(DATA / "chat/sft/chatterbot_en.jsonl.gz")], 256, ["--pack"])
+  sft = train("sft", 150)
+  split_pairs(DATA / "chat/dpo/chatterbot_mismatch_pairs.jsonl.gz", out / "raw/dpo_train.jsonl",
+              out / "raw/dpo_heldout.jsonl")
+  preprocess("dpo", "dpo", [str(out / "raw/dpo_train.jsonl")], 256)
+  preprocess("dpo", "dpo_heldout", [str(out / "raw/dpo_heldout.jsonl")], 256)
+  dpo = train("dpo", 60, [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_every=1000000"])
+
+  ppl = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--data",
+                           str(DATA / "corpus/eval"), "--output", str(out / "ppl.json")], summary, "perplexity"))
+  sh(py + ["mimix_jax.export", "--checkpoint", str(out / "runs/dpo"), "--output", str(out / "export")],
+     summary, "export")
+  reply = sh(py + ["mimix_jax.generate", "--checkpoint", str(out / "runs/dpo"), "--chat", "--greedy",
+                   "--max_new_tokens", "40", "--prompt", "What is AI?"], summary, "chat reply")
+
+  print("\n=== summary")
+  print("\n".join(summary))
+  for name, r in (("pretrain", pre), ("pretrain_2048", ext), ("sft", sft), ("dpo", dpo)):
+    if r:
+      print(f"{name:<14} final loss {r.get('loss')}")
+  if ppl:
+    print(f"perplexity on data/corpus/eval: {ppl['ppl']:.2f} over {ppl['tokens']} tokens")
+  print(f"\nrun directories: {out}/runs/{{pretrain,pretrain_2048,sft,dpo}} (loss curves: loss.png in each)")
+  print(f"export (Hugging Face format): {out}/export")
+  print(f"chat reply to 'What is AI?': {reply.strip()}")
+  print(f"start chatting: python -m mimix_jax.chat --checkpoint {out}/runs/dpo   (or launch/chat.sh {out}/runs/dpo)")
+  return 0
+
+
+def _data_name(stage: str) -> str:
+  return {"pretrain": "pretrain_128", "pretrain_2048": "pretrain_256"}.get(stage, stage)
+
+
+def _previous(stage: str) -> str | None:
+  return {"pretrain_2048": "pretrain", "sft": "pretrain_2048", "dpo": "sft"}.get(stage)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
