@@ -12,7 +12,8 @@ OUTPUT/
   tokenizer.model             the original sentencepiece model
   mimix_tokenizer_config.json our tokenizer's config (import_hf restores the tokenizer from these two)
   export.json                 what was exported from where, and the verification numbers
-  mimixlm/                    with --format mimixlm: model_weights (torch state dict, spec §2.1), model_config.json
+  mimixlm/                    with --format mimixlm: model_weights (torch state dict, spec §2.1), model_config.json,
+                              tokenizer.model (ours: sentencepiece, see hf_format.mimixlm_config)
 
 Only the params are restored (no optimizer state), onto the default device, from a checkpoint saved on any mesh;
 padded vocabulary rows are stripped. Everything is written into a temporary directory that is renamed to OUTPUT
@@ -39,6 +40,7 @@ from mimix_jax import checkpoint as ckpt
 from mimix_jax import hf_format
 from mimix_jax import io_utils
 from mimix_jax.model_config import ModelConfig
+from mimix_jax import tokenizer as tokenizer_lib
 from mimix_jax.tokenizer import Tokenizer
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -143,7 +145,7 @@ def write_hf_config(out_dir: Path, cfg: ModelConfig, tok: Tokenizer, generation:
                     dtype: str) -> list[str]:
   """config.json and generation_config.json."""
   io_utils.write_json(out_dir / "config.json", hf_format.hf_config(cfg, tok.bos_id, tok.eos_id, tok.pad_id, dtype))
-  stop_ids = list(dict.fromkeys([tok.eos_id, tok.eot_id, *tok.stop_ids, *generation.get("stop_ids", [])]))
+  stop_ids = list(dict.fromkeys([*tok.stop_ids, *generation.get("stop_ids", [])]))
   gen = {
       "bos_token_id": tok.bos_id,
       "eos_token_id": stop_ids,
@@ -176,7 +178,7 @@ def write_tokenizer(out_dir: Path, tok: Tokenizer, max_len: int) -> list[str]:
   }
   io_utils.write_json(out_dir / "tokenizer_config.json", config)
   (out_dir / "tokenizer.model").write_bytes(sp_model)
-  shutil.copyfile(Path(tok.model_path).parent / "tokenizer_config.json", out_dir / hf_format.MIMIX_TOKENIZER_CONFIG)
+  shutil.copyfile(Path(tok.model_path).parent / tokenizer_lib.CONFIG_FILE, out_dir / hf_format.MIMIX_TOKENIZER_CONFIG)
   return ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", hf_format.MIMIX_TOKENIZER_CONFIG]
 
 
@@ -184,7 +186,7 @@ def chat_template(names: dict[str, str]) -> str:
   """Jinja for our dialog format (spec §3.4): bos, then per message
   <start_header>role<end_header>\\n\\n content <eot>, then the assistant header if add_generation_prompt.
 
-  Content is stripped of surrounding whitespace (Jinja's trim is str.strip), as Tokenizer.encode_dialog_prompt does.
+  Content is stripped of surrounding whitespace (Jinja's trim is str.strip), as encode_dialog_prompt does.
   """
   sh, eh, eot = names["start_header"], names["end_header"], names["eot"]
   return (
@@ -199,19 +201,19 @@ def chat_template(names: dict[str, str]) -> str:
 def write_mimixlm(out_dir: Path, params: dict, cfg: ModelConfig, tok: Tokenizer, generation: dict[str, Any],
                   dtype: str, name: str) -> list[str]:
   """The reference's model folder (spec §2.2-2.3): `model_weights` (torch.save of its state_dict names and
-  [out, in] shapes, RoPE buffer included) and `model_config.json`."""
+  [out, in] shapes, RoPE buffer included), `model_config.json`, and our sentencepiece `tokenizer.model`."""
   try:
     import torch
   except ImportError:
     raise RuntimeError("--format mimixlm writes a torch state dict and needs torch (pip install -e '.[torch]')")
   out_dir.mkdir()
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-  state = {k: torch.tensor(v, dtype=torch_dtype) for k, v in hf_format.to_torch_state_dict(params, cfg, "mimixlm").items()}
-  torch.save(state, out_dir / "model_weights")
-  specials = {role: tok.special_tokens[role] for role in _special_texts(tok)}
-  config = hf_format.mimixlm_config(cfg, specials, generation, dtype, model_name=name)
+  tensors = hf_format.to_torch_state_dict(params, cfg, "mimixlm")
+  torch.save({k: torch.tensor(v, dtype=torch_dtype) for k, v in tensors.items()}, out_dir / "model_weights")
+  config = hf_format.mimixlm_config(cfg, tok.config, generation, dtype, model_name=name)
   (out_dir / "model_config.json").write_text(json.dumps(config, indent=4, ensure_ascii=False) + "\n")
-  return ["mimixlm/model_weights", "mimixlm/model_config.json"]
+  shutil.copyfile(tok.model_path, out_dir / "tokenizer.model")
+  return ["mimixlm/model_weights", "mimixlm/model_config.json", "mimixlm/tokenizer.model"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,18 +254,19 @@ def verify_export(export_dir: Path, model, tok: Tokenizer, dtype: str) -> dict[s
   hf_chat = hf_tok.apply_chat_template(VERIFY_DIALOG, add_generation_prompt=True, tokenize=True, return_dict=False)
   result["tokenizer_match"] = [hf_tok(t)["input_ids"] for t in VERIFY_TEXTS] == text_ids and list(hf_chat) == chat_ids
   tol = TOLERANCES[dtype]
-  failed = [k for k, bound in tol.items() if (result[k] < bound if k == "top1_agreement" else result[k] > bound)]
+  failed = [f"{k}={result[k]:.3g} {'<' if k == 'top1_agreement' else '>'} {bound}" for k, bound in tol.items()
+            if (result[k] < bound if k == "top1_agreement" else result[k] > bound)]
   if not result["tokenizer_match"]:
-    failed.append("tokenizer_match")
+    failed.append("tokenizer ids differ")
   result["tolerance"], result["passed"] = tol, not failed
   print(f"verify: transformers {result['transformers']} on {dtype} weights (upcast to float32) vs our float32 "
         f"model, {len(prompts)} prompts / {n} positions")
   print(f"  max |logit diff| {result['max_abs_diff']:.3g}   mean KL {result['mean_kl']:.3g}   "
         f"top-1 agreement {100 * result['top1_agreement']:.2f}%   tolerance {tol}")
   print(f"  tokenizer: AutoTokenizer ids (text and apply_chat_template) equal ours: {result['tokenizer_match']}")
-  print(f"  {'PASS' if not failed else 'FAIL: ' + ', '.join(failed)}")
+  print(f"  {'PASS' if not failed else 'FAIL: ' + '; '.join(failed)}")
   if failed:
-    raise VerificationError(f"export verification failed ({', '.join(failed)}): {result}")
+    raise VerificationError(f"export verification failed: {'; '.join(failed)}")
   return result
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from mimix_jax.model_config import ModelConfig
 
-# Per-layer tensor names, in the reference's state_dict() order (spec §2.1) for MimixLM.
+# Per-layer tensor names: Hugging Face Llama, then MimixLM in its state_dict() order (spec §2.1).
 HF_LAYER_NAMES = {
     "attn_norm": "model.layers.{i}.input_layernorm.weight",
     "wq": "model.layers.{i}.self_attn.q_proj.weight",
@@ -75,23 +75,11 @@ def layer_to_torch(name: str, w: np.ndarray) -> np.ndarray:
   return w
 
 
-def layer_from_torch(name: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-  """The inverse of `layer_to_torch`; checks the PyTorch shape first."""
-  d, f, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
-  heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads, "wv": cfg.n_kv_heads, "wo": cfg.n_heads}
-  expected = {
-      "attn_norm": (d,), "mlp_norm": (d,), "wq": (heads["wq"] * hd, d), "wk": (heads["wk"] * hd, d),
-      "wv": (heads["wv"] * hd, d), "wo": (d, heads["wo"] * hd), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
-  }[name]
-  if tuple(w.shape) != expected:
-    raise UnsupportedConfig(f"{name}: expected a tensor of shape {expected}, got {tuple(w.shape)}")
-  if name in ("wq", "wk", "wv"):
-    return w.T.reshape(d, heads[name], hd)
-  if name == "wo":
-    return w.T.reshape(heads[name], hd, d)
-  if name in ("w_gate", "w_up", "w_down"):
-    return w.T
-  return w
+def our_layer_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+  """One layer's shape of a stacked param (without the leading L)."""
+  d, f, hd, h, k = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+  return {"attn_norm": (d,), "mlp_norm": (d,), "wq": (d, h, hd), "wk": (d, k, hd), "wv": (d, k, hd),
+          "wo": (h, hd, d), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}[name]
 
 
 def to_torch_state_dict(params: dict, cfg: ModelConfig, fmt: str = "hf") -> dict[str, np.ndarray]:
@@ -119,11 +107,11 @@ def from_hf_state_dict(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict
   tensors.pop(HF_LM_HEAD, None)  # tied: the caller has checked it equals the embedding (or is absent)
   embed = _take(tensors, HF_EMBED)
   if embed.shape != (cfg.vocab_size, cfg.d_model):
-    raise UnsupportedConfig(f"{HF_EMBED}: expected shape {(cfg.vocab_size, cfg.d_model)}, got {embed.shape}")
+    raise UnsupportedConfig(f"{HF_EMBED}: shape {embed.shape}, but config.json implies {(cfg.vocab_size, cfg.d_model)}")
   padded = np.zeros((cfg.padded_vocab_size, cfg.d_model), np.float32)
   padded[: cfg.vocab_size] = embed
   layers = {
-      name: np.stack([layer_from_torch(name, _take(tensors, t.format(i=i)), cfg) for i in range(cfg.n_layers)])
+      name: np.stack([_take_layer(tensors, name, t.format(i=i), cfg) for i in range(cfg.n_layers)])
       for name, t in HF_LAYER_NAMES.items()
   }
   final_norm = _take(tensors, HF_FINAL_NORM)
@@ -150,6 +138,16 @@ def _take(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
   if name not in tensors:
     raise UnsupportedConfig(f"tensor {name!r} is missing from the checkpoint")
   return np.asarray(tensors.pop(name), dtype=np.float32)
+
+
+def _take_layer(tensors: dict[str, np.ndarray], name: str, key: str, cfg: ModelConfig) -> np.ndarray:
+  """tensors[key], PyTorch [out, in] -> our layout for `name` (the inverse of layer_to_torch), shape-checked."""
+  shape = our_layer_shape(name, cfg)
+  expected = layer_to_torch(name, np.broadcast_to(np.float32(0), shape)).shape
+  w = _take(tensors, key)
+  if w.shape != expected:
+    raise UnsupportedConfig(f"{key}: shape {w.shape}, but config.json implies {expected}")
+  return w if w.ndim == 1 else w.T.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def hf_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: st
   }
 
 
-def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """A Llama config.json -> ModelConfig; raises UnsupportedConfig naming the first field we cannot represent."""
   model_type = hf.get("model_type")
   if model_type != "llama":
@@ -219,7 +217,6 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         rope_base=float(rope_theta),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
         init_std=float(hf.get("initializer_range", 0.02)),
-        **overrides,
     )
   except KeyError as e:
     raise UnsupportedConfig(f"{e.args[0]}: required field missing from config.json") from None
@@ -246,23 +243,26 @@ def _require(hf: dict[str, Any], field: str, want: Any, default: Any, also: tupl
     raise UnsupportedConfig(f"{field}={value!r} is not supported: need {want!r}{reason}")
 
 
-def mimixlm_config(cfg: ModelConfig, special_tokens: dict[str, tuple[str, int]], generation: dict[str, Any],
-                   dtype: str, model_name: str) -> dict[str, Any]:
-  """The reference's model_config.json (spec §2.3). special_tokens: role (bos, eos, eot, ...) -> (text, id).
+def mimixlm_config(cfg: ModelConfig, tokenizer_config: dict[str, Any], generation: dict[str, Any], dtype: str,
+                   model_name: str) -> dict[str, Any]:
+  """The reference's model_config.json (spec §2.3), given our Tokenizer's config.
 
-  eos_id is the token the reference stops on; a chat model must stop on <|eot_id|> (spec §12.16), a raw one on
-  <|end_of_text|>.
+  Its special_tokens ({role: [text, id]}) are in the reference's own format. The reference's tokenizer is a
+  tiktoken rank file, which cannot express a sentencepiece BPE exactly, so tokenizer_config is ours
+  ("tokenizer": "sentencepiece-bpe"): the reference's load_model() reads these weights, its load_tokenizer()
+  needs a sentencepiece-backed class. eos_id is the token the reference stops on: <|eot_id|> for a chat model
+  (spec §12.16), <|end_of_text|> otherwise.
   """
+  specials = tokenizer_config["special_tokens"]
   chat = generation.get("mode") == "chat"
-  eos_role = "eot" if chat else "eos"
   return {
       "model_config": {
           "model_name": model_name,
           "vocab_size": cfg.vocab_size,
           "max_len": cfg.max_len,
           "share_emb_out_proj": True,
-          "pad_id": special_tokens["pad"][1],
-          "eos_id": special_tokens[eos_role][1],
+          "pad_id": specials["pad"][1],
+          "eos_id": specials["eot" if chat else "eos"][1],
           "dtype": "bf16" if dtype == "bfloat16" else "float32",
           "n_layers": cfg.n_layers,
           "d_model": cfg.d_model,
@@ -273,9 +273,7 @@ def mimixlm_config(cfg: ModelConfig, special_tokens: dict[str, tuple[str, int]],
           "ln_eps": cfg.norm_eps,
           "attn_pos_embedding_base": cfg.rope_base,
       },
-      "tokenizer_config": {
-          "special_tokens": {role: list(v) for role, v in special_tokens.items()},
-      },
+      "tokenizer_config": tokenizer_config,
       "generation_config": {
           "strategy": "sample",
           "top_p": generation.get("top_p"),
