@@ -1,4 +1,4 @@
-"""The pipeline at CPU size: a 5M-parameter model, used by `make demo` and the tests.
+"""The pipeline at CPU size: a 2.4M-parameter model, used by `make demo` and the tests.
 
 Same stages and hand-over as gpt_large.py; seconds per stage on a 2-core CPU.
 """
@@ -17,19 +17,19 @@ def get_config(stage="pretrain"):
 
   #                     stage      max_len batch steps  lr     warmup  data
   if stage == "pretrain":
-    c.update(stage="pretrain", max_len=128, batch_size=16, total_steps=200)
+    c.update(stage="pretrain", max_len=128, batch_size=16, total_steps=150)
     c.optimizer.update(lr=2e-3, warmup_steps=20)
     c.data.train_path = "demo_out/data/pretrain_128"
   elif stage == "pretrain_2048":  # the length-extension stage, at CPU size: 128 -> 256
-    c.update(stage="pretrain", max_len=256, batch_size=8, total_steps=60, init_from="demo_out/runs/pretrain")
+    c.update(stage="pretrain", max_len=256, batch_size=8, total_steps=30, init_from="demo_out/runs/pretrain")
     c.optimizer.update(lr=5e-4, warmup_steps=10)
     c.data.train_path = "demo_out/data/pretrain_256"
   elif stage == "sft":
-    c.update(stage="sft", max_len=256, batch_size=8, total_steps=150, init_from="demo_out/runs/pretrain_2048")
+    c.update(stage="sft", max_len=256, batch_size=8, total_steps=80, init_from="demo_out/runs/pretrain_2048")
     c.optimizer.update(lr=5e-4, warmup_steps=10)
     c.data.train_path = "demo_out/data/sft"
   elif stage == "dpo":
-    c.update(stage="dpo", max_len=256, batch_size=8, total_steps=60, init_from="demo_out/runs/sft")
+    c.update(stage="dpo", max_len=256, batch_size=8, total_steps=40, init_from="demo_out/runs/sft")
     c.optimizer.update(lr=2e-4, warmup_steps=5)
     c.data.train_path = "demo_out/data/dpo"
     c.dpo.update(beta=0.1, dpo_weight=1.0, sft_weight=0.1)  # RPO weighting

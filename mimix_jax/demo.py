@@ -59,18 +59,17 @@ def main(argv=None) -> int:
   summary: list[str] = []
   tok = out / "tokenizer"
 
-  def steps(n: int) -> list[str]:
-    return [f"--config.total_steps={max(int(n * args.scale), 2)}"]
-
-  def train(stage: str, n: int, extra=()):
+  def train(stage: str, extra=()):
+    from mimix_jax import config as config_lib
+    steps = max(int(config_lib.load(f"{args.config}:{stage}").total_steps * args.scale), 2)
     run_dir = out / "runs" / stage
     overrides = [f"--config.tokenizer_path={tok}", f"--config.data.train_path={out}/data/{_data_name(stage)}",
                  f"--config.init_from={out}/runs/{_previous(stage)}" if _previous(stage) else "--config.init_from="]
     return last_json(sh(py + ["mimix_jax.train", "--config", f"{args.config}:{stage}", "--workdir", str(run_dir),
-                              *overrides, *steps(n), *extra], summary, stage))
+                              *overrides, f"--config.total_steps={steps}", *extra], summary, stage))
 
   if not (tok / "tokenizer.model").exists():
-    sh(py + ["mimix_jax.tokenizer", "--input", str(DATA / "corpus/train"), "--vocab_size", "8000",
+    sh(py + ["mimix_jax.tokenizer", "--input", str(DATA / "corpus/train"), "--vocab_size", "4096",
              "--output", str(tok)], summary, "tokenizer")
 
   def preprocess(stage: str, name: str, inputs: list[str], max_len: int, extra=()):
@@ -80,15 +79,15 @@ def main(argv=None) -> int:
 
   preprocess("pretrain", "pretrain_128", [str(DATA / "corpus/train")], 128)
   preprocess("pretrain", "pretrain_256", [str(DATA / "corpus/train")], 256)
-  pre = train("pretrain", 200)
-  ext = train("pretrain_2048", 60)
+  pre = train("pretrain")
+  ext = train("pretrain_2048")
   preprocess("sft", "sft", [str(DATA / "chat/sft/chatterbot_en.jsonl.gz")], 256, ["--pack"])
-  sft = train("sft", 150)
+  sft = train("sft")
   split_pairs(DATA / "chat/dpo/chatterbot_mismatch_pairs.jsonl.gz", out / "raw/dpo_train.jsonl",
               out / "raw/dpo_heldout.jsonl")
   preprocess("dpo", "dpo", [str(out / "raw/dpo_train.jsonl")], 256)
   preprocess("dpo", "dpo_heldout", [str(out / "raw/dpo_heldout.jsonl")], 256)
-  dpo = train("dpo", 60, [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_every=1000000"])
+  dpo = train("dpo", [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_steps=100"])
 
   ppl = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--data",
                            str(DATA / "corpus/eval"), "--output", str(out / "ppl.json")], summary, "perplexity"))

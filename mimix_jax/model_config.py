@@ -83,7 +83,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: trains in seconds, used by tests and `make demo`.
-    "tiny": dict(vocab_size=8000, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768, max_len=256),
+    "tiny": dict(vocab_size=4096, n_layers=4, d_model=192, n_heads=4, n_kv_heads=2, d_ff=512, max_len=256),
     "small": dict(vocab_size=30256, n_layers=6, d_model=512, n_heads=8, n_kv_heads=8, d_ff=1024),
     "base": dict(vocab_size=50256, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2304),
     "large": dict(vocab_size=50256, n_layers=24, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),

@@ -88,7 +88,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
       print(f"initialised params from {cfg.init_from}", flush=True)
     state = trainer.init_state(cfg.seed, params)
 
-  reference = _dpo_reference(cfg, trainer, state["params"], run_dir) if cfg.stage == "dpo" else None
+  references = _dpo_references(cfg, trainer, state["params"], run_dir, resumed=start > 0) if cfg.stage == "dpo" else {}
+  reference = references.get("train")
   step_fn = trainer.train_step()
   tokens_per_step = cfg.batch_size * cfg.max_len * (2 if cfg.stage == "dpo" else 1)
   logger = MetricsLogger(run_dir, cfg.total_steps, start, model_cfg.flops_per_token(cfg.max_len), tokens_per_step,
@@ -123,8 +124,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
           logger.write(f"stopping: {nonfinite_run} consecutive non-finite steps (loss {record['loss']})")
           exit_code = 3
           break
-      if cfg.eval_every and step % cfg.eval_every == 0 and cfg.data.eval_path:
-        logger.log_eval(step, evaluate_loss(cfg, trainer, state["params"], run_dir))
+      if cfg.data.eval_path and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.total_steps):
+        logger.log_eval(step, evaluate_split(cfg, trainer, state["params"], references.get("eval")))
       if step % cfg.save_every_steps == 0 and step < cfg.total_steps:
         save(step)
       if stop.requested:
@@ -141,21 +142,21 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
   return exit_code
 
 
-def evaluate_loss(cfg, trainer, params, run_dir: Path) -> dict[str, float]:
-  """Mean loss over the first eval_steps batches of the held-out split (same batches every time)."""
+def evaluate_split(cfg, trainer, params, reference: "_ReferenceLogps | None") -> dict[str, float]:
+  """Loss and metrics (e.g. DPO reward accuracy) over the first eval_steps batches of the held-out split."""
   from mimix_jax import data as data_lib
   micro = cfg.batch_size // cfg.grad_accum_steps
   iterator = data_lib.make_iterator(
       cfg.data.eval_path, stage=cfg.stage, global_batch_size=micro, seed=cfg.seed, shuffle=False, num_epochs=1,
       process_index=jax.process_index(), process_count=jax.process_count(), drop_remainder=False)
-  reference = _dpo_reference(cfg, trainer, params, run_dir, cfg.data.eval_path) if cfg.stage == "dpo" else None
   eval_fn = trainer.eval_step()
-  total = count = 0.0
+  total, count, sums = 0.0, 0.0, {}
   for _, local in zip(range(cfg.eval_steps), iterator):
     extra = None if reference is None else trainer.device_batch({"r": reference.lookup(local["index"])}, False)["r"]
-    t, c, _ = eval_fn(params, trainer.device_batch(local, accumulate=False), extra)
+    t, c, s = jax.device_get(eval_fn(params, trainer.device_batch(local, accumulate=False), extra))
     total, count = total + float(t), count + float(c)
-  return {"loss": total / max(count, 1.0)}
+    sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
+  return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in sums.items()}}
 
 
 class _ReferenceLogps:
@@ -168,18 +169,30 @@ class _ReferenceLogps:
     return self.table[np.clip(index, 0, len(self.table) - 1)]
 
 
-def _dpo_reference(cfg, trainer, params, run_dir: Path, path: str | None = None) -> _ReferenceLogps:
-  """Reference log-probs for the pairs in `path` (default: the train split), cached in the run dir.
+def _dpo_references(cfg, trainer, params, run_dir: Path, resumed: bool) -> dict[str, _ReferenceLogps]:
+  """Reference log-probs of the train (and eval) pairs, computed before the first update and cached in the run dir.
 
-  The reference model is the policy at the start of the stage (init_from), as in the reference and TRL.
+  The reference model is the policy at the start of the stage (init_from), as in the reference and TRL; a resumed
+  run reads the cache, or recomputes from init_from if the cache is gone.
   """
+  if cfg.dpo.reference != "precompute":
+    raise ValueError(f"dpo.reference {cfg.dpo.reference!r} is not supported; use 'precompute'")
+  splits = {"train": cfg.data.train_path, **({"eval": cfg.data.eval_path} if cfg.data.eval_path else {})}
+  out = {}
+  for name, path in splits.items():
+    cache = run_dir / f"reference_logps_{name}.npy"
+    if not cache.exists() and resumed:
+      if not cfg.init_from:
+        raise FileNotFoundError(f"{cache} is missing and there is no init_from to recompute the reference from")
+      params = checkpoint.load_params(cfg.init_from, trainer.model_cfg, trainer.state_shardings["params"])
+      resumed = False
+    out[name] = _ReferenceLogps(np.load(cache)) if cache.exists() else _reference_pass(cfg, trainer, params, path, cache)
+  return out
+
+
+def _reference_pass(cfg, trainer, params, path: str, cache: Path) -> _ReferenceLogps:
   from jax.experimental import multihost_utils
   from mimix_jax import data as data_lib, losses
-  path = path or cfg.data.train_path
-  name = "train" if path == cfg.data.train_path else "eval"
-  cache = run_dir / f"reference_logps_{name}.npy"
-  if cache.exists():
-    return _ReferenceLogps(np.load(cache))
   n = int(data_lib.read_manifest(path)["examples"])
   micro = cfg.batch_size // cfg.grad_accum_steps
   iterator = data_lib.make_iterator(
@@ -189,8 +202,6 @@ def _dpo_reference(cfg, trainer, params, run_dir: Path, path: str | None = None)
   logps_fn = jax.jit(lambda p, b: losses.sequence_logps(nnx.merge(trainer.graphdef, p), b, cfg.loss_chunk)[0],
                      out_shardings=jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
   table = np.zeros((n, 2), np.float32)
-  if cfg.dpo.reference != "precompute":
-    raise ValueError(f"dpo.reference {cfg.dpo.reference!r} is not supported; use 'precompute'")
   for local in iterator:
     logps = np.asarray(logps_fn(params, trainer.device_batch(local, accumulate=False)))
     index = multihost_utils.process_allgather(local["index"], tiled=True) if jax.process_count() > 1 else local["index"]
@@ -204,9 +215,8 @@ def _dpo_reference(cfg, trainer, params, run_dir: Path, path: str | None = None)
 
 
 def _check_data(cfg, manifest: dict) -> None:
-  stage = "pretrain" if cfg.stage == "pretrain" else cfg.stage
-  if manifest.get("stage") != stage:
-    raise ValueError(f"{cfg.data.train_path}: shards are for stage {manifest.get('stage')!r}, config trains {stage!r}")
+  if manifest.get("stage") != cfg.stage:
+    raise ValueError(f"{cfg.data.train_path}: shards are for stage {manifest.get('stage')!r}, config trains {cfg.stage!r}")
   if int(manifest.get("vocab_size", 0)) > cfg.model.vocab_size:
     raise ValueError(f"{cfg.data.train_path}: tokenizer has {manifest['vocab_size']} ids, the model only "
                      f"{cfg.model.vocab_size} (set --config.model.vocab_size={manifest['vocab_size']})")
