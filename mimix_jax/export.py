@@ -91,7 +91,9 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
   with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
     params = jax.tree.map(np.asarray, ckpt.load_params(checkpoint, cfg))
     state_dict = hf_format.to_torch_state_dict(params, cfg, "hf")
+    n_params = int(sum(v.size for v in state_dict.values()))
     files = write_safetensors(tmp, state_dict, dtype, parse_size(max_shard_size))
+    del state_dict  # a full copy of the weights: free it before verification loads two more
     files += write_hf_config(tmp, cfg, tok, info.generation, dtype)
     files += write_tokenizer(tmp, tok, cfg.max_len)
     if fmt == "mimixlm":
@@ -101,7 +103,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
         "output": str(output),
         "format": fmt,
         "dtype": dtype,
-        "n_params": int(sum(v.size for v in state_dict.values())),
+        "n_params": n_params,
         "files": sorted(files),
         "generation": info.generation,  # import_hf restores it
         "verify": verify_export(tmp, ckpt.params_to_model(cfg, params), tok, dtype) if verify else None,
@@ -118,7 +120,7 @@ def write_safetensors(out_dir: Path, tensors: dict[str, np.ndarray], dtype: str,
   """model.safetensors, or shards of at most max_shard_bytes (one bigger tensor gets a shard of its own) + index."""
   from safetensors.numpy import save_file
 
-  cast = {name: np.ascontiguousarray(t.astype(DTYPES[dtype])) for name, t in tensors.items()}
+  cast = {name: np.ascontiguousarray(t.astype(DTYPES[dtype], copy=False)) for name, t in tensors.items()}
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, t in cast.items():
@@ -337,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
           RuntimeError) as e:
     print(f"export: error: {e}", file=sys.stderr)
     return 1
-  print(f"exported {report['n_params']:,} params ({report['dtype']}) from {report['checkpoint']} to {args.output}")
+  verified = "verified" if report["verify"] else "NOT verified (--no-verify, or torch/transformers not installed)"
+  print(f"exported {report['n_params']:,} params ({report['dtype']}, {verified}) from {report['checkpoint']} "
+        f"to {args.output}")
   return 0
 
 

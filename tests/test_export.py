@@ -140,7 +140,8 @@ def test_bfloat16_sharded_export_agrees_on_distributions(run, tmp_path):
   run_dir, params, _ = run
   cfg = ckpt.read_run_info(run_dir).model
   out = tmp_path / "hf16"
-  report = export_lib.export(run_dir, out, dtype="bfloat16", verify=True, max_shard_size="60KB")
+  report = export_lib.export(run_dir / "checkpoints" / "60", out, dtype="bfloat16", verify=True, max_shard_size="60KB")
+  assert report["checkpoint"] == str(run_dir / "checkpoints" / "60")
   index = json.loads((out / "model.safetensors.index.json").read_text())
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 2 and not (out / "model.safetensors").exists()
