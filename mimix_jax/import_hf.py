@@ -42,10 +42,8 @@ def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite
   _check_tied(tensors)
   params = hf_format.from_hf_state_dict(tensors, cfg)
   with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
-    tok_dir = tmp / ".tokenizer-src"
-    tok = write_tokenizer_dir(model_dir, tok_dir, cfg)
-    ckpt.write_run_info(tmp, cfg, tok_dir, generation_defaults(model_dir, tok))
-    shutil.rmtree(tok_dir)
+    tok = write_tokenizer_dir(model_dir, tmp / "tokenizer", cfg)
+    ckpt.write_run_info(tmp, cfg, tmp / "tokenizer", generation_defaults(model_dir, tok))  # the tokenizer stays
     ckpt.save_params(tmp, 0, params)
   return {"model": str(model_dir), "output": str(output), "n_params": cfg.param_count(), "config": cfg.to_dict()}
 
@@ -96,11 +94,13 @@ def write_tokenizer_dir(model_dir: Path, out_dir: Path, cfg: ModelConfig) -> tok
   if sp.get_piece_size() != cfg.vocab_size:
     raise UnsupportedConfig(f"vocab_size={cfg.vocab_size} in config.json, but {tokenizer_lib.MODEL_FILE} has "
                             f"{sp.get_piece_size()} pieces: they must be equal")
-  ours = model_dir / hf_format.MIMIX_TOKENIZER_CONFIG
-  config = json.loads(ours.read_text()) if ours.is_file() else _tokenizer_config(sp)
   out_dir.mkdir(parents=True)
   shutil.copyfile(model_path, out_dir / tokenizer_lib.MODEL_FILE)
-  (out_dir / tokenizer_lib.CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+  ours = model_dir / hf_format.MIMIX_TOKENIZER_CONFIG
+  if ours.is_file():
+    shutil.copyfile(ours, out_dir / tokenizer_lib.CONFIG_FILE)
+  else:
+    io_utils.write_json(out_dir / tokenizer_lib.CONFIG_FILE, _tokenizer_config(sp))
   return tokenizer_lib.Tokenizer.load(out_dir)  # checks every special id against the model
 
 
@@ -137,10 +137,9 @@ def generation_defaults(model_dir: Path, tok: tokenizer_lib.Tokenizer) -> dict[s
   gen = dict(ckpt.DEFAULT_GENERATION)
   path = model_dir / "generation_config.json"
   hf = json.loads(path.read_text()) if path.is_file() else {}
-  for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
-                       ("max_new_tokens", "max_new_tokens")):
-    if hf.get(theirs) is not None:
-      gen[ours] = hf[theirs]
+  for name in ("temperature", "top_p", "top_k", "max_new_tokens"):  # same names and meaning in both
+    if hf.get(name) is not None:
+      gen[name] = hf[name]
   eos = hf.get("eos_token_id")
   extra = [eos] if isinstance(eos, int) else list(eos or [])
   gen["stop_ids"] = list(dict.fromkeys([*tok.stop_ids, *extra]))
