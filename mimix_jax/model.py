@@ -111,12 +111,16 @@ class Transformer(nnx.Module):
     h, _ = self.hidden(tokens, positions, segment_ids)
     return self.logits(h)
 
-  def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+  def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
+             layer_weights: list[dict[str, jax.Array]] | None = None):
     """Final-normed hidden states [B, T, d] in the compute dtype, and the updated cache (or None).
 
     positions [B, T]: RoPE positions (restart at 0 per packed document); default 0..T-1.
     segment_ids [B, T]: document ids, 0 = padding; default one document per row. Attention never crosses
     documents. With a cache, the T tokens are written at slots [cache.end, cache.end + T).
+    layer_weights: `split_layers()`, run as an unrolled loop instead of the scan over the stacked weights.
+    For decoding: XLA:CPU copies each layer's slice of the stacked weights on every call, which doubled
+    the time of a decode step.
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
@@ -138,7 +142,6 @@ class Transformer(nnx.Module):
 
     h = self.embed[...].astype(dt)[tokens]
     h = constrain(h, "batch", "length", "act_embed")
-    params = jax.tree.map(lambda x: x.astype(dt) if x.ndim > 2 else x, self.layers.stacked())
 
     def body(h, xs):
       p, kv = xs
@@ -148,13 +151,28 @@ class Transformer(nnx.Module):
       if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {cfg.remat!r}; choose from none, {', '.join(REMAT_POLICIES)}")
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    h, new_kv = jax.lax.scan(body, h, (params, kv_layers))
+    if layer_weights is None:
+      params = jax.tree.map(lambda x: x.astype(dt) if x.ndim > 2 else x, self.layers.stacked())
+      h, new_kv = jax.lax.scan(body, h, (params, kv_layers))
+    else:
+      new_kv = []
+      for i, p in enumerate(layer_weights):
+        h, kv = body(h, (p, None if kv_layers is None else (kv_layers[0][i], kv_layers[1][i])))
+        new_kv.append(kv)
+      new_kv = None if kv_layers is None else tuple(jnp.stack(x) for x in zip(*new_kv))
 
     h = rms_norm(h, self.final_norm[...], cfg.norm_eps)
     if cache is None:
       return h, None
     new_cache = dict(k=new_kv[0], v=new_kv[1], segment_ids=kv_segment, end=end + t)
     return h, new_cache
+
+  def split_layers(self) -> list[dict[str, jax.Array]]:
+    """The stacked layer weights as one dict per layer, matrices cast to the compute dtype (see hidden())."""
+    dt = jnp.dtype(self.cfg.dtype)
+    stacked = self.layers.stacked()
+    return [{k: (v[i].astype(dt) if v.ndim > 2 else v[i]) for k, v in stacked.items()}
+            for i in range(self.cfg.n_layers)]
 
   def logits(self, h: jax.Array) -> jax.Array:
     """h [B, T, d] -> float32 logits [B, T, V_padded], padded entries -inf."""

@@ -1,0 +1,457 @@
+"""Text generation with a preallocated KV cache: batched, jitted prefill and an on-device decode loop.
+
+    python -m mimix_jax.generate --checkpoint RUN_OR_STEP --prompt "Once upon a time" [--chat] [--greedy]
+
+Layout. A batch of prompts is LEFT-padded (segment id 0) so every row's last prompt token sits in the same
+cache slot and every decode step writes all rows at one slot; positions count from 0 at each row's first
+real token. The prompt is then RIGHT-padded up to a power-of-two bucket so that few shapes get compiled;
+the cache's `end` is set back to just after the real tokens, so the padding slots are overwritten by the
+decode steps and never attended (attention only looks at earlier slots of the same non-zero segment).
+
+Decoding. `Engine.start` prefills and picks the first token; `Engine.finish` runs the rest in one
+`lax.while_loop` on the device (no host round trip per token); `Engine.step` does one token, for streaming.
+All three take and return a `DecodeState`, whose buffers are donated so the cache is updated in place.
+
+Stopping: a row stops at any stop id (eos, eot and configured ids: the reference stopped only at eos, spec
+§12 item 16), after max_new_tokens, or when the context (model.max_len positions) is full; the prompt is never
+truncated (reference bug §12 item 18): a prompt that leaves no room raises a clear error instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimix_jax import sampling as sampling_lib
+from mimix_jax.checkpoint import load_model
+from mimix_jax.model import Cache, Transformer, mask_padded_vocab
+from mimix_jax.sampling import SamplingConfig
+from mimix_jax.tokenizer import StreamDecoder, Tokenizer
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int) -> int:
+  """The power of two >= n (at least MIN_BUCKET): the padded size compiled shapes come in."""
+  return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """Everything the decode loop carries. B rows, N = token buffer size.
+
+  `tokens[:, :count]` are the generated tokens (pad_id after a row stopped); the newest one,
+  `tokens[:, count - 1]`, is not in the cache yet: it is fed at `positions` by the next step.
+  """
+
+  cache: Cache
+  tokens: jax.Array  # [B, N] int32
+  count: jax.Array  # [] tokens generated so far (rows advance together)
+  limit: jax.Array  # [] stop after this many tokens
+  positions: jax.Array  # [B] RoPE position of the newest token
+  done: jax.Array  # [B] bool: the row emitted a stop id
+  keys: jax.Array  # [B] per-row PRNG keys
+  stop_ids: jax.Array  # [n_stop] int32
+  sampling: dict[str, jax.Array]  # SamplingConfig.arrays()
+  greedy: bool = dataclasses.field(metadata=dict(static=True))
+  penalize: bool = dataclasses.field(metadata=dict(static=True))
+  pad_id: int = dataclasses.field(metadata=dict(static=True))
+
+
+@dataclasses.dataclass
+class Generation:
+  """One prompt's result."""
+
+  prompt_tokens: list[int]
+  tokens: list[int]  # generated ids, without the stop id
+  finish_reason: str  # "stop" (a stop id), "length" (max_new_tokens) or "context" (the context is full)
+  text: str = ""  # filled in by the text-level functions
+
+
+def _logits(model: Transformer, embed_t: jax.Array, h: jax.Array) -> jax.Array:
+  """h [B, d] -> float32 logits [B, V_padded], as model.logits, from the [d, V] copy of the embedding.
+
+  model.logits contracts the [V, d] table on its last axis, which XLA:CPU does about 1.7x slower.
+  """
+  logits = jnp.einsum("bd,dv->bv", h, embed_t.astype(h.dtype), preferred_element_type=jnp.float32)
+  return mask_padded_vocab(logits, model.cfg.vocab_size)
+
+
+def _choose(logits: jax.Array, state: DecodeState) -> jax.Array:
+  """The token of index state.count for every row [B] (pad_id for rows that already stopped)."""
+  tok = sampling_lib.next_token(logits, state.sampling, state.keys, state.count, state.tokens, state.count,
+                                greedy=state.greedy, penalize=state.penalize)
+  return jnp.where(state.done, state.pad_id, tok)
+
+
+def _record(state: DecodeState, tok: jax.Array, **changes: Any) -> DecodeState:
+  tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, tok[:, None], state.count, axis=1)
+  done = state.done | jnp.isin(tok, state.stop_ids)
+  return dataclasses.replace(state, tokens=tokens, count=state.count + 1, done=done, **changes)
+
+
+def _start(graphdef, weights, cache: Cache, prompt: dict[str, jax.Array], settings: dict[str, Any], *,
+           n_buf: int, greedy: bool, penalize: bool, pad_id: int) -> DecodeState:
+  """Prefills the prompt into the cache, picks token 0 and returns the decode state.
+
+  prompt: tokens / positions / segment_ids [B, T] (real tokens in columns < n_valid), n_valid [],
+  next_positions [B]; settings: limit, seed, row_ids [B], stop_ids, sampling (SamplingConfig.arrays()).
+  """
+  state_weights, layers, embed_t = weights
+  model = nnx.merge(graphdef, state_weights)
+  h, new_cache = model.hidden(prompt["tokens"], prompt["positions"], prompt["segment_ids"], cache, layers)
+  n_valid = prompt["n_valid"]
+  new_cache["end"] = cache["end"] + n_valid  # forget the right padding: decoding overwrites it
+  b = prompt["tokens"].shape[0]
+  state = DecodeState(
+      cache=new_cache,
+      tokens=jnp.full((b, n_buf), pad_id, jnp.int32),
+      count=jnp.zeros((), jnp.int32),
+      limit=settings["limit"],
+      positions=prompt["next_positions"],
+      done=jnp.zeros((b,), bool),
+      keys=sampling_lib.row_keys(settings["seed"], settings["row_ids"]),
+      stop_ids=settings["stop_ids"],
+      sampling=settings["sampling"],
+      greedy=greedy, penalize=penalize, pad_id=pad_id)
+  last = jax.lax.dynamic_index_in_dim(h, n_valid - 1, axis=1, keepdims=False)
+  return _record(state, _choose(_logits(model, embed_t, last), state))
+
+
+def _step(graphdef, weights, state: DecodeState) -> DecodeState:
+  """Feeds the newest token of every row and picks the next."""
+  state_weights, layers, embed_t = weights
+  model = nnx.merge(graphdef, state_weights)
+  newest = jax.lax.dynamic_slice_in_dim(state.tokens, state.count - 1, 1, axis=1)  # [B, 1]
+  h, cache = model.hidden(newest, state.positions[:, None], jnp.ones_like(newest), state.cache, layers)
+  tok = _choose(_logits(model, embed_t, h[:, 0]), state)
+  return _record(state, tok, cache=cache, positions=state.positions + 1)
+
+
+def _running(state: DecodeState) -> jax.Array:
+  return (state.count < state.limit) & ~jnp.all(state.done)
+
+
+def _finish(graphdef, weights, state: DecodeState) -> DecodeState:
+  return jax.lax.while_loop(_running, lambda s: _step(graphdef, weights, s), state)
+
+
+_start_jit = jax.jit(_start, static_argnums=0, static_argnames=("n_buf", "greedy", "penalize", "pad_id"),
+                     donate_argnums=2)
+_step_jit = jax.jit(_step, static_argnums=0, donate_argnums=2)
+_finish_jit = jax.jit(_finish, static_argnums=0, donate_argnums=2)
+
+
+@nnx.jit
+def _decode_weights(model: Transformer) -> tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]:
+  """(one weight dict per layer, the embedding [V, d] and its transpose [d, V]) in the compute dtype."""
+  embed = model.embed[...].astype(jnp.dtype(model.cfg.dtype))
+  return model.split_layers(), embed, embed.T
+
+
+class Engine:
+  """A model ready to decode: decode-friendly weights made once, jitted prefill / step / loop.
+
+  Compiled code is shared by all engines of the same model config (keyed by the graph and the shapes).
+  The engine holds its own copy of the layer weights (one array per layer, see Transformer.hidden) and a
+  [d, V] copy of the embedding: drop the model afterwards to save the memory of its stacked copy.
+  """
+
+  def __init__(self, model: Transformer):
+    self.cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    layers, embed, embed_t = _decode_weights(model)
+    pure = nnx.to_pure_dict(state)
+    pure["embed"] = embed
+    pure["layers"] = {k: jnp.zeros((0,)) for k in pure["layers"]}  # hidden() runs on the split layers
+    nnx.replace_by_pure_dict(state, pure)
+    self._graphdef = graphdef
+    self._weights = (state, layers, embed_t)
+    self._model = nnx.merge(graphdef, state)  # for init_cache; holds no stacked layer weights
+
+  def new_cache(self, batch: int, slots: int) -> Cache:
+    """An empty cache of `slots` token slots per row."""
+    return self._model.init_cache(batch, slots)
+
+  def start(self, cache: Cache, prompts: Sequence[Sequence[int]], *, sampling: SamplingConfig,
+            stop_ids: Sequence[int], max_new_tokens: int, pad_id: int,
+            start_positions: Sequence[int] | None = None, row_ids: Sequence[int] | None = None) -> DecodeState:
+    """Prefills `prompts` (B lists of ids) after what `cache` already holds and picks their first tokens.
+
+    start_positions: each row's position of its first prompt token (default 0; a chat continues its history).
+    row_ids: each row's index in the request, for its sampling key (default 0..B-1).
+    Raises ValueError when a prompt leaves no room to generate.
+    """
+    b = len(prompts)
+    lengths = [len(p) for p in prompts]
+    if b == 0 or min(lengths) == 0:
+      raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    starts = np.zeros(b, np.int32) if start_positions is None else np.asarray(start_positions, np.int32)
+    slots, end = cache["segment_ids"].shape[1], int(cache["end"])
+    n_valid = max(lengths)
+    next_pos = starts + np.asarray(lengths, np.int32)
+    room = min(self.cfg.max_len - int(next_pos.max()), slots - end - n_valid)
+    if room < 1:
+      raise ValueError(f"the prompt ({int(next_pos.max())} tokens with the history) leaves no room to generate: "
+                       f"the context holds {self.cfg.max_len} tokens")
+    width = bucket(n_valid) if end + bucket(n_valid) <= slots else n_valid
+    tokens = np.full((b, width), pad_id, np.int32)
+    positions = np.zeros((b, width), np.int32)
+    segment_ids = np.zeros((b, width), np.int32)
+    for i, p in enumerate(prompts):
+      lo = n_valid - len(p)
+      tokens[i, lo:n_valid] = p
+      positions[i, lo:n_valid] = starts[i] + np.arange(len(p))
+      segment_ids[i, lo:n_valid] = 1
+    prompt = dict(tokens=tokens, positions=positions, segment_ids=segment_ids, n_valid=np.int32(n_valid),
+                  next_positions=next_pos)
+    settings = dict(
+        limit=np.int32(min(max_new_tokens, room)),
+        seed=np.uint32(sampling.seed),
+        row_ids=np.asarray(range(b) if row_ids is None else row_ids, np.int32),
+        stop_ids=np.asarray(sorted(set(stop_ids)) or [-1], np.int32),
+        sampling=sampling.arrays())
+    return _start_jit(self._graphdef, self._weights, cache, prompt, settings, n_buf=bucket(max_new_tokens),
+                      greedy=sampling.greedy, penalize=sampling.penalize, pad_id=pad_id)
+
+  def step(self, state: DecodeState) -> DecodeState:
+    """One more token for every row (the caller checks `running`)."""
+    return _step_jit(self._graphdef, self._weights, state)
+
+  def finish(self, state: DecodeState) -> DecodeState:
+    """Decodes until every row stopped or the limit, entirely on the device."""
+    return _finish_jit(self._graphdef, self._weights, state)
+
+  @staticmethod
+  def running(state: DecodeState) -> bool:
+    return bool(_running(state))
+
+
+def results(state: DecodeState, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            stop_ids: Sequence[int]) -> list[Generation]:
+  """The finished state's tokens per row, cut at the first stop id, with why each row ended."""
+  tokens, count = np.asarray(state.tokens), int(state.count)
+  stops = set(stop_ids)
+  out = []
+  for prompt, row in zip(prompts, tokens):
+    row = row[:count].tolist()
+    cut = next((i for i, t in enumerate(row) if t in stops), None)
+    if cut is not None:
+      out.append(Generation(list(prompt), row[:cut], "stop"))
+    else:
+      out.append(Generation(list(prompt), row, "length" if len(row) >= max_new_tokens else "context"))
+  return out
+
+
+def as_engine(model: Transformer | Engine) -> Engine:
+  return model if isinstance(model, Engine) else Engine(model)
+
+
+def generate_ids(model: Transformer | Engine, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int],
+                 pad_id: int, sampling: SamplingConfig = SamplingConfig(temperature=0.0), max_new_tokens: int = 64,
+                 batch_size: int = 8) -> list[Generation]:
+  """Generates from token-id prompts, batch_size at a time, each batch decoded on the device in one loop.
+
+  Prompts are batched by length (less padding); results come in prompt order and do not depend on the
+  batching (row i samples with the key of request row i).
+  """
+  engine = as_engine(model)
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  out: list[Generation | None] = [None] * len(prompts)
+  for lo in range(0, len(order), batch_size):
+    idx = order[lo:lo + batch_size]
+    batch = [prompts[i] for i in idx]
+    slots = bucket(max(len(p) for p in batch)) + bucket(max_new_tokens)
+    state = engine.start(engine.new_cache(len(batch), slots), batch, sampling=sampling, stop_ids=stop_ids,
+                         max_new_tokens=max_new_tokens, pad_id=pad_id, row_ids=idx)
+    state = engine.finish(state)
+    for i, g in zip(idx, results(state, batch, max_new_tokens, stop_ids)):
+      out[i] = g
+  return out
+
+
+class TokenStream:
+  """Decodes a one-row DecodeState token by token (Engine.step) and yields text as it completes.
+
+  Iterate for the text increments (complete UTF-8 only). The consumer may stop early (Ctrl-C in the chat);
+  either way `state` is then the latest state, `tokens` the generated ids so far (without a stop id) and
+  `count` the tokens the state has produced: the cache holds all of them but the newest one.
+  """
+
+  def __init__(self, engine: Engine, state: DecodeState, tokenizer: Tokenizer, stop_ids: Sequence[int],
+               max_new_tokens: int):
+    self.engine, self.state, self.tokenizer = engine, state, tokenizer
+    self.stop_ids = set(stop_ids)
+    self.max_new_tokens = max_new_tokens
+    self.tokens: list[int] = []
+    self.count = 1
+    self.finish_reason: str | None = None  # set once the stream ran to its end
+
+  def __iter__(self) -> Iterator[str]:
+    decoder = StreamDecoder(self.tokenizer)
+    limit = int(self.state.limit)
+    while True:
+      tok = int(np.asarray(self.state.tokens)[0, self.count - 1])
+      if tok in self.stop_ids:
+        self.finish_reason = "stop"
+        break
+      self.tokens.append(tok)
+      text = decoder.push(tok)
+      if text:
+        yield text
+      if self.count >= limit:
+        self.finish_reason = "length" if self.count >= self.max_new_tokens else "context"
+        break
+      self.state = self.engine.step(self.state)
+      self.count += 1
+    tail = decoder.flush()
+    if tail:
+      yield tail
+
+
+# ----- text level -----
+
+
+def stop_ids_for(tokenizer: Tokenizer, generation: dict[str, Any] | None = None) -> list[int]:
+  """eos, eot, the tokenizer's stop ids and the run's configured `stop_ids`."""
+  configured = (generation or {}).get("stop_ids") or []
+  return sorted({tokenizer.eos_id, tokenizer.eot_id, *tokenizer.stop_ids, *configured})
+
+
+def sampling_from(generation: dict[str, Any], **overrides: Any) -> SamplingConfig:
+  """A run's sampling defaults (RunInfo.generation; None = the neutral value), then overrides (None = keep)."""
+  fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+  values = {k: v for k, v in generation.items() if k in fields and v is not None}
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return SamplingConfig(**values)
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool, system: str | None = None) -> list[int]:
+  """Chat: the Llama-3 template ([system,] user, then the assistant header). Raw: <|begin_of_text|> + text."""
+  if not chat:
+    return tokenizer.encode(text, bos=True)
+  messages = ([dict(role="system", content=system)] if system else []) + [dict(role="user", content=text)]
+  return tokenizer.encode_dialog_prompt(messages, bos=True)
+
+
+def generate(model: Transformer | Engine, tokenizer: Tokenizer, prompts: Sequence[str], *, chat: bool = False,
+             system: str | None = None, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 256,
+             stop_ids: Sequence[int] | None = None, batch_size: int = 8) -> list[Generation]:
+  """Texts in, one Generation (ids and decoded text) per prompt out; see generate_ids."""
+  stop_ids = stop_ids_for(tokenizer) if stop_ids is None else stop_ids
+  ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
+  out = generate_ids(model, ids, stop_ids=stop_ids, pad_id=tokenizer.pad_id, sampling=sampling,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+  for g in out:
+    g.text = tokenizer.decode(g.tokens)
+  return out
+
+
+def stream(model: Transformer | Engine, tokenizer: Tokenizer, prompt: str, *, chat: bool = False,
+           system: str | None = None, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 256,
+           stop_ids: Sequence[int] | None = None) -> TokenStream:
+  """One prompt, decoded token by token: iterate the result for text increments (same tokens as generate)."""
+  engine = as_engine(model)
+  stop_ids = stop_ids_for(tokenizer) if stop_ids is None else stop_ids
+  ids = encode_prompt(tokenizer, prompt, chat=chat, system=system)
+  cache = engine.new_cache(1, bucket(len(ids)) + bucket(max_new_tokens))
+  state = engine.start(cache, [ids], sampling=sampling, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                       pad_id=tokenizer.pad_id)
+  return TokenStream(engine, state, tokenizer, stop_ids, max_new_tokens)
+
+
+# ----- command line -----
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+  """Flags that override the run's generation defaults (shared with the chat REPL)."""
+  g = parser.add_argument_group("sampling (default: the run's model.json generation settings)")
+  g.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+  g.add_argument("--temperature", type=float)
+  g.add_argument("--top_k", type=int, help="keep the k most likely tokens (0 = off)")
+  g.add_argument("--top_p", type=float, help="keep the smallest set of most likely tokens reaching p (1 = off)")
+  g.add_argument("--min_p", type=float, help="keep tokens with p >= min_p * the top p (0 = off)")
+  g.add_argument("--repetition_penalty", type=float, help="> 1 discourages repeating generated tokens (1 = off)")
+  g.add_argument("--repetition_window", type=int, help="only the last N generated tokens count (0 = all)")
+  g.add_argument("--repetition_decay", type=float, help="an occurrence d tokens back weighs decay**d (1 = count)")
+  g.add_argument("--max_repetition_penalty", type=float, help="clamp the compounded penalty factor (0 = off)")
+  g.add_argument("--seed", type=int)
+  g.add_argument("--max_new_tokens", type=int)
+
+
+def sampling_from_args(generation: dict[str, Any], args: argparse.Namespace) -> SamplingConfig:
+  names = [f.name for f in dataclasses.fields(SamplingConfig)]
+  overrides = {k: getattr(args, k) for k in names}
+  if args.greedy:
+    overrides["temperature"] = 0.0
+  return sampling_from(generation, **overrides)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+  prompts = list(args.prompt or [])
+  if args.prompt_file:
+    lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+    prompts += [line for line in lines if line.strip()]
+  if not prompts:
+    raise ValueError("no prompt: give --prompt TEXT or a --prompt_file with one prompt per line")
+  return prompts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m mimix_jax.generate", description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", required=True, help="a run directory (latest checkpoint) or RUN/checkpoints/STEP")
+  parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+  parser.add_argument("--prompt_file", help="a UTF-8 file with one prompt per line (blank lines skipped), batched")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--chat", action="store_true", help="chat template (default: the run's generation mode)")
+  mode.add_argument("--raw", action="store_true", help="plain continuation of <|begin_of_text|> + prompt")
+  parser.add_argument("--system", help="chat system message (default: the run's)")
+  parser.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt, text, tokens, ...")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the run's)")
+  add_sampling_args(parser)
+  args = parser.parse_args(argv)
+  try:
+    prompts = read_prompts(args)
+    model, info = load_model(args.checkpoint, dtype=args.dtype)
+    tokenizer = Tokenizer.load(info.tokenizer_dir)
+    sampling = sampling_from_args(info.generation, args)
+    max_new = args.max_new_tokens or info.generation["max_new_tokens"]
+    chat = args.chat or (not args.raw and info.generation.get("mode") == "chat")
+    system = args.system if args.system is not None else info.generation.get("system_message")
+    engine = Engine(model)
+    del model  # the engine keeps its own decode-layout weights
+    kwargs = dict(chat=chat, system=system, sampling=sampling, max_new_tokens=max_new,
+                  stop_ids=stop_ids_for(tokenizer, info.generation))
+    if len(prompts) == 1 and not args.json:
+      for text in stream(engine, tokenizer, prompts[0], **kwargs):
+        print(text, end="", flush=True)
+      print()
+      return 0
+    results_ = generate(engine, tokenizer, prompts, batch_size=args.batch_size, **kwargs)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for i, (prompt, g) in enumerate(zip(prompts, results_)):
+    if args.json:
+      print(json.dumps(dict(prompt=prompt, text=g.text, tokens=g.tokens, finish_reason=g.finish_reason,
+                            prompt_tokens=len(g.prompt_tokens)), ensure_ascii=False))
+    else:
+      print(("\n" if i else "") + g.text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
