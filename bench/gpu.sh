@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark: one call on a lent H100/H200 (about 8 minutes), from the repo root:
+#   bash bench/fetch_gpu_wheels.sh            # here, once: Python 3.12 wheels the GPU image lacks -> .whl/
+#   device run: carry [".whl"], command "bash bench/gpu.sh", timeout_s 560
+# Prints versions and the device, then the gpt_large train step at seq 1024 (largest batch that fits, fused
+# attention on and off, two remat policies: tokens/s, MFU, peak memory) and decode speed of the large model.
+# Results: JSON lines in $OUT/gpu.jsonl (or bench/results/gpu.jsonl).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+RESULTS=${OUT:-bench/results}/gpu.jsonl
+mkdir -p "$(dirname "$RESULTS")"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import sys, jax, flax, optax, grain; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'grain', grain.__version__); print(jax.devices())" || exit 1
+git rev-parse --short HEAD 2>/dev/null || true
+for remat in save_dots full; do
+  for attention in cudnn xla; do
+    for batch in 32 24 16 8; do  # per GPU, seq 1024: the first that fits
+      timeout 170 python3 bench/train_throughput.py --shape gpu_large --batch "$batch" --attention "$attention" \
+        --remat "$remat" --loss_chunk 256 --steps 5 --rounds 2 --json "$RESULTS" && break
+      echo "batch $batch failed ($attention, $remat)"
+    done
+  done
+done
+timeout 120 python3 bench/bench_decode.py --presets large --batches 1 8 --repeats 3 || echo "decode bench failed"
