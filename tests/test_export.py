@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from mimix_jax import checkpoint as ckpt
 from mimix_jax import export as export_lib
+from mimix_jax import generate as generate_lib
 from mimix_jax import hf_format
 from mimix_jax import import_hf as import_lib
 from mimix_jax import model as model_lib
@@ -170,24 +171,25 @@ def test_chat_template_and_text_ids_equal_our_encoder(run, f32_export):
   assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids) == text
 
 
-def test_greedy_generation_with_transformers_equals_ours(run, f32_export):
-  run_dir, params, tok = run
+def test_greedy_generation_with_transformers_equals_our_generate_command(run, f32_export, capsys):
+  run_dir, _, tok = run
   out, _ = f32_export
-  cfg = ckpt.read_run_info(run_dir).model
-  prompt = tok.encode("CYNIC, n. A blackguard whose", bos=True)
+  system, user = "Be terse.", "What is a cynic?"
+  assert generate_lib.main(["--checkpoint", str(run_dir), "--chat", "--system", system, "--prompt", user,
+                            "--greedy", "--max_new_tokens", "24", "--json"]) == 0
+  ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  prompt = hf_tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=False)
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  with torch.no_grad():
-    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24)[0].tolist()
-  # Reference: greedy over the full forward (no cache), one fixed shape; causal, so the padding after
-  # position i never changes its logits.
-  model = ckpt.params_to_model(cfg, jax.tree.map(jnp.asarray, params))
-  forward = nnx.jit(lambda m, t: m(t))
-  ours = np.full((1, len(prompt) + 24), tok.pad_id, np.int32)
-  ours[0, : len(prompt)] = prompt
-  for i in range(len(prompt), ours.shape[1]):
-    ours[0, i] = int(np.argmax(np.asarray(forward(model, jnp.asarray(ours)))[0, i - 1]))
-  ours = ours[0].tolist()
-  assert theirs == ours
+  with torch.no_grad():  # generation_config.json: stop on eos and eot, like ours
+    new = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24)[0, len(prompt):].tolist()
+  stopped = new[-1] in tok.stop_ids
+  assert ours["prompt_tokens"] == len(prompt) and ours["tokens"]
+  assert ours["tokens"] == new[:-1] if stopped else new
+  assert ours["finish_reason"] == ("stop" if stopped else "length")
+  assert ours["text"] == hf_tok.decode(new, skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------- MimixLM layout (spec §1.2, §2)
