@@ -91,8 +91,9 @@ def main(argv=None) -> int:
 
   ppl = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--data",
                            str(DATA / "corpus/eval"), "--output", str(out / "ppl.json")], summary, "perplexity"))
-  sh(py + ["mimix_jax.export", "--checkpoint", str(out / "runs/dpo"), "--output", str(out / "export")],
-     summary, "export")
+  if not (out / "export" / "export.json").exists():  # written last, once the export is verified
+    sh(py + ["mimix_jax.export", "--checkpoint", str(out / "runs/dpo"), "--output", str(out / "export")],
+       summary, "export")
   reply = sh(py + ["mimix_jax.generate", "--checkpoint", str(out / "runs/dpo"), "--chat", "--greedy",
                    "--max_new_tokens", "40", "--prompt", "What is AI?"], summary, "chat reply")
 

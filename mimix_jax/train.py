@@ -84,6 +84,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
     start, nonfinite_run = 0, 0
     params = None
     if cfg.init_from:
+      _check_same_architecture(model_cfg, checkpoint.read_run_info(cfg.init_from).model, cfg.init_from)
       params = checkpoint.load_params(cfg.init_from, model_cfg, trainer.state_shardings["params"])
       print(f"initialised params from {cfg.init_from}", flush=True)
     state = trainer.init_state(cfg.seed, params)
@@ -212,6 +213,19 @@ def _reference_pass(cfg, trainer, params, path: str, cache: Path) -> _ReferenceL
     np.save(tmp, table)
     os.replace(tmp, cache)
   return _ReferenceLogps(table)
+
+
+ARCHITECTURE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "rope_base", "norm_eps",
+                      "vocab_multiple")
+
+
+def _check_same_architecture(model_cfg, source, init_from: str) -> None:
+  """init_from keeps the weights, so every architecture field must match (max_len, dtype, remat may change)."""
+  for field in ARCHITECTURE_FIELDS:
+    ours, theirs = getattr(model_cfg, field), getattr(source, field)
+    if ours != theirs:
+      raise ValueError(f"init_from {init_from} has model.{field}={theirs}, this config has {ours} "
+                       f"(set --config.model.{field}={theirs})")
 
 
 def _check_data(cfg, manifest: dict) -> None:
