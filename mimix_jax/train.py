@@ -44,8 +44,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  cfg = config_lib.load(args.config, overrides)
-  config_lib.validate(cfg)
+  try:
+    cfg = config_lib.load(args.config, overrides)
+    config_lib.validate(cfg)
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    print(f"train: error: {e.args[0] if e.args else e}", file=sys.stderr)
+    return 2
   if args.dry_run:
     from mimix_jax import planner
     planner.report(cfg)
