@@ -6,7 +6,8 @@
               the peak resident memory of its process (ru_maxrss of the child).
   preprocess  `python -m mimix_jax.preprocess --stage pretrain --max_len 1024` on `--copies` copies of the corpus
               (so process start-up is a small part), with --workers 1 and 2: document tokens / the run's own
-              seconds (the command's time minus interpreter start), and the command's wall time.
+              seconds (the command's time minus interpreter start), the command's wall time, and tokens per
+              CPU-second of the command and its workers (robust to other load on a shared machine).
   loader      `make_iterator` over those shards (worker_count 0): tokens per second of `next()` at batch 64 x 1024,
               next to what the tiny model (CPU, measured) and the large model (8 x H100 at 50% MFU, computed from
               the PaLM FLOP count) consume per second.
@@ -34,19 +35,23 @@ H100_BF16_PEAK = 989e12  # dense FLOP/s
 TINY_CPU_TOKENS_PER_S = 3500  # issue 9: the tiny model's train step on this 2-core CPU, about 3.5k tokens/s
 
 
-def run(cmd: list[str]) -> tuple[float, str]:
-  """Wall seconds and stdout of a command that must succeed."""
-  t0 = time.perf_counter()
+def run(cmd: list[str]) -> tuple[float, float, str]:
+  """Wall seconds, CPU seconds (the command and its worker processes) and stdout of a command that must succeed."""
+  def cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+  t0, c0 = time.perf_counter(), cpu()
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  wall = time.perf_counter() - t0
+  wall, cpu_seconds = time.perf_counter() - t0, cpu() - c0
   if proc.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-  return wall, proc.stdout
+  return wall, cpu_seconds, proc.stdout
 
 
 def bench_tokenizer(work: Path, vocab: int, corpus: list[Path]) -> dict:
   before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  wall, _ = run([sys.executable, "-m", "mimix_jax.tokenizer", "--input", *map(str, corpus), "--vocab_size", str(vocab),
+  wall, _, _ = run([sys.executable, "-m", "mimix_jax.tokenizer", "--input", *map(str, corpus), "--vocab_size", str(vocab),
                  "--output", str(work / "tok")])
   peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   report = json.loads((work / "tok" / "training_report.json").read_text())
@@ -58,13 +63,14 @@ def bench_tokenizer(work: Path, vocab: int, corpus: list[Path]) -> dict:
 
 def bench_preprocess(work: Path, inputs: list[Path], workers: int, max_len: int) -> dict:
   out = work / f"pretrain_w{workers}"
-  wall, stdout = run([sys.executable, "-m", "mimix_jax.preprocess", "--stage", "pretrain", "--tokenizer", str(work / "tok"),
+  wall, cpu_seconds, stdout = run([sys.executable, "-m", "mimix_jax.preprocess", "--stage", "pretrain", "--tokenizer", str(work / "tok"),
                       "--input", *map(str, inputs), "--output", str(out), "--max_len", str(max_len),
                       "--workers", str(workers), "--overwrite"])
   seconds = float(re.search(r" in ([0-9.]+)s \(", stdout).group(1))
   tokens = json.loads((out / "manifest.json").read_text())["tokens"]
   return {"bench": "preprocess_pretrain", "workers": workers, "tokens": tokens, "seconds": round(seconds, 2),
-          "tokens_per_s": round(tokens / seconds), "command_seconds": round(wall, 2)}
+          "tokens_per_s": round(tokens / seconds), "command_seconds": round(wall, 2),
+          "tokens_per_cpu_s": round(tokens / cpu_seconds)}
 
 
 def bench_loader(shards: Path, batch: int, steps: int) -> dict:
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
             f"(sampling {r['sample_seconds']} s, SentencePiece {r['train_seconds']} s), peak RSS {r['peak_rss_mb']} MB |")
     elif r["bench"] == "preprocess_pretrain":
       print(f"| preprocess pretrain | {r['workers']} worker(s), {r['tokens']:,} tokens, max_len {args.max_len} | "
-            f"{r['tokens_per_s']:,} tokens/s ({r['seconds']} s; command {r['command_seconds']} s) |")
+            f"{r['tokens_per_s']:,} tokens/s ({r['seconds']} s; command {r['command_seconds']} s); "
+            f"{r['tokens_per_cpu_s']:,} tokens per CPU-second |")
     else:
       print(f"| loader (Grain, 0 workers) | batch {r['batch']} x {r['max_len']} | {r['tokens_per_s']:,} tokens/s "
             f"= {r['tokens_per_s'] / TINY_CPU_TOKENS_PER_S:,.0f}x the tiny model on this CPU, "
