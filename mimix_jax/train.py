@@ -23,9 +23,9 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 
-from mimix_jax import checkpoint, config as config_lib, distributed, sharding, trainer as trainer_lib
+from mimix_jax import checkpoint, config as config_lib, data as data_lib, distributed, dpo_reference, sharding
+from mimix_jax import trainer as trainer_lib
 from mimix_jax.metrics import MetricsLogger
 
 
@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int:
   """Trains to cfg.total_steps in run_dir, resuming from its latest checkpoint; returns an exit code."""
-  from mimix_jax import data as data_lib  # the Grain pipeline
-
   is_main = jax.process_index() == 0
   model_cfg = config_lib.model_config(cfg)
   mesh = sharding.make_mesh(**cfg.mesh)
@@ -93,7 +91,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
       print(f"initialised params from {cfg.init_from}", flush=True)
     state = trainer.init_state(cfg.seed, params)
 
-  references = _dpo_references(cfg, trainer, state["params"], run_dir, resumed=start > 0) if cfg.stage == "dpo" else {}
+  references = dpo_reference.build(cfg, trainer, state["params"], run_dir, resumed=start > 0) if cfg.stage == "dpo" else {}
   reference = references.get("train")
   step_fn = trainer.train_step()
   tokens_per_step = cfg.batch_size * cfg.max_len * (2 if cfg.stage == "dpo" else 1)
@@ -113,7 +111,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
   with sharding.activate(mesh):
     while step < cfg.total_steps:
       local = next(iterator)
-      extra = None if reference is None else reference.lookup(local["index"])
+      extra = None if reference is None else reference.lookup(local)
       batch = trainer.device_batch(local)
       if extra is not None:
         extra = trainer.device_batch({"r": extra})["r"]
@@ -147,9 +145,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
   return exit_code
 
 
-def evaluate_split(cfg, trainer, params, reference: "_ReferenceLogps | None") -> dict[str, float]:
+def evaluate_split(cfg, trainer, params, reference) -> dict[str, float]:
   """Loss and metrics (e.g. DPO reward accuracy) over the first eval_steps batches of the held-out split."""
-  from mimix_jax import data as data_lib
   micro = cfg.batch_size // cfg.grad_accum_steps
   iterator = data_lib.make_iterator(
       cfg.data.eval_path, stage=cfg.stage, global_batch_size=micro, seed=cfg.seed, shuffle=False, num_epochs=1,
@@ -157,66 +154,11 @@ def evaluate_split(cfg, trainer, params, reference: "_ReferenceLogps | None") ->
   eval_fn = trainer.eval_step()
   total, count, sums = 0.0, 0.0, {}
   for _, local in zip(range(cfg.eval_steps), iterator):
-    extra = None if reference is None else trainer.device_batch({"r": reference.lookup(local["index"])}, False)["r"]
+    extra = None if reference is None else trainer.device_batch({"r": reference.lookup(local)}, False)["r"]
     t, c, s = jax.device_get(eval_fn(params, trainer.device_batch(local, accumulate=False), extra))
     total, count = total + float(t), count + float(c)
     sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
   return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in sums.items()}}
-
-
-class _ReferenceLogps:
-  """Reference-model log-probs of every DPO pair, computed once in a no-grad pass and kept on the host."""
-
-  def __init__(self, table: np.ndarray):
-    self.table = table  # [N, 2] (chosen, rejected), float32
-
-  def lookup(self, index: np.ndarray) -> np.ndarray:
-    return self.table[np.clip(index, 0, len(self.table) - 1)]
-
-
-def _dpo_references(cfg, trainer, params, run_dir: Path, resumed: bool) -> dict[str, _ReferenceLogps]:
-  """Reference log-probs of the train (and eval) pairs, computed before the first update and cached in the run dir.
-
-  The reference model is the policy at the start of the stage (init_from), as in the reference and TRL; a resumed
-  run reads the cache, or recomputes from init_from if the cache is gone.
-  """
-  if cfg.dpo.reference != "precompute":
-    raise ValueError(f"dpo.reference {cfg.dpo.reference!r} is not supported; use 'precompute'")
-  splits = {"train": cfg.data.train_path, **({"eval": cfg.data.eval_path} if cfg.data.eval_path else {})}
-  out = {}
-  for name, path in splits.items():
-    cache = run_dir / f"reference_logps_{name}.npy"
-    if not cache.exists() and resumed:
-      if not cfg.init_from:
-        raise FileNotFoundError(f"{cache} is missing and there is no init_from to recompute the reference from")
-      params = checkpoint.load_params(cfg.init_from, trainer.model_cfg, trainer.state_shardings["params"])
-      resumed = False
-    out[name] = _ReferenceLogps(np.load(cache)) if cache.exists() else _reference_pass(cfg, trainer, params, path, cache)
-  return out
-
-
-def _reference_pass(cfg, trainer, params, path: str, cache: Path) -> _ReferenceLogps:
-  from jax.experimental import multihost_utils
-  from mimix_jax import data as data_lib, losses
-  n = int(data_lib.read_manifest(path)["examples"])
-  micro = cfg.batch_size // cfg.grad_accum_steps
-  iterator = data_lib.make_iterator(
-      path, stage="dpo", global_batch_size=micro, seed=cfg.seed, shuffle=False, num_epochs=1,
-      process_index=jax.process_index(), process_count=jax.process_count(), drop_remainder=False)
-  from flax import nnx
-  logps_fn = jax.jit(lambda p, b: losses.sequence_logps(nnx.merge(trainer.graphdef, p), b, cfg.loss_chunk)[0],
-                     out_shardings=jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
-  table = np.zeros((n, 2), np.float32)
-  for local in iterator:
-    logps = np.asarray(logps_fn(params, trainer.device_batch(local, accumulate=False)))
-    index = multihost_utils.process_allgather(local["index"], tiled=True) if jax.process_count() > 1 else local["index"]
-    real = (index >= 0) & (index < n)
-    table[index[real]] = logps[real]
-  if jax.process_index() == 0:
-    tmp = cache.with_name(cache.name + ".tmp.npy")
-    np.save(tmp, table)
-    os.replace(tmp, cache)
-  return _ReferenceLogps(table)
 
 
 ARCHITECTURE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "rope_base", "norm_eps",

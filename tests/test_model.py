@@ -35,7 +35,7 @@ def _reference_weights(params, cfg):
   """Our params -> the reference's [d_out, d_in] matrices, float64."""
   f = lambda x: np.asarray(x, np.float64)
   layers = params["layers"]
-  d, hd = cfg.d_model, cfg.head_dim
+  d = cfg.d_model
   out = []
   for i in range(cfg.n_layers):
     out.append(dict(

@@ -3,7 +3,6 @@
 Batches are real text from the shipped corpus, as byte ids (no tokenizer needed at this level).
 """
 
-import dataclasses
 import gzip
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from mimix_jax import checkpoint, config as config_lib, losses, sharding, trainer as trainer_lib
-from mimix_jax.model_config import ModelConfig
+from mimix_jax import model as model_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(vocab_size=260, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=32, vocab_multiple=8)
@@ -175,11 +174,8 @@ def numpy_dpo(policy, reference, counts, beta, label_smoothing=0.0):
 
 
 def test_dpo_loss_matches_numpy_float64_with_padding_and_different_lengths():
-  from flax import nnx
-  cfg = make_cfg(stage="dpo")
-  model_cfg = config_lib.model_config(cfg)
-  policy = trainer_lib.nnx.merge(*nnx.split(__import__("mimix_jax.model", fromlist=["x"]).create(model_cfg, 1)))
-  reference = __import__("mimix_jax.model", fromlist=["x"]).create(model_cfg, 2)
+  model_cfg = config_lib.model_config(make_cfg(stage="dpo"))
+  policy, reference = model_lib.create(model_cfg, 1), model_lib.create(model_cfg, 2)
   b = text_batch(6, 32)
   pair = {k: np.stack([v, np.roll(v, 7, axis=0)], 1) for k, v in b.items() if k != "index"}
   # Completions of different lengths with right padding: chosen keeps the first n tokens, rejected m.
@@ -188,7 +184,6 @@ def test_dpo_loss_matches_numpy_float64_with_padding_and_different_lengths():
       pair["loss_mask"][i, j] = 0
       pair["loss_mask"][i, j, :keep] = 1
       pair["segment_ids"][i, j, keep:] = 0
-  import jax.numpy as jnp
   logp_policy, counts = losses.sequence_logps(policy, pair)
   logp_ref, _ = losses.sequence_logps(reference, pair)
 
