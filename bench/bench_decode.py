@@ -1,6 +1,6 @@
 """Decode speed: mimix_jax's engine vs transformers' LlamaForCausalLM.generate, same shapes, on this machine.
 
-    python bench/bench_decode.py [--presets tiny base] [--prompt_len 64] [--new_tokens 32] [--repeats 3]
+    python bench/bench_decode.py [--presets tiny base] [--batches 1 8] [--prompt_len 64] [--new_tokens 32]
 
 Both models are randomly initialised with the preset's architecture (HF: LlamaConfig with tied embeddings,
 rope_theta 500000, rms_norm_eps 1e-5, no biases), float32, greedy, and forced to generate exactly
@@ -9,37 +9,39 @@ rope_theta 500000, rms_norm_eps 1e-5, no biases), float32, greedy, and forced to
   ttft    time to first token: prefill of the prompt plus the first token, on the host (median)
   decode  tokens/s over the remaining new_tokens - 1 steps, all rows counted: B * (N - 1) / (t_N - t_1)
 
-Compilation (JAX) and warm-up (HF) are excluded; the two alternate run by run, so that load from other
-processes on a shared machine hits both alike. Prints a Markdown table.
+Each framework runs in its own fresh process (XLA's and PyTorch's thread pools spin after work and starve
+each other when they share one); compilation (JAX) and warm-up (HF) are excluded. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
+import os
 import platform
 import statistics
 import time
 
-import jax
 import numpy as np
 
-from mimix_jax import model as model_lib
-from mimix_jax.generate import Engine, bucket
 from mimix_jax.model_config import ModelConfig, preset
-from mimix_jax.sampling import SamplingConfig
-
-GREEDY = SamplingConfig(temperature=0.0)
 
 
-def jax_runner(cfg: ModelConfig, prompts: np.ndarray):
-  """run(n): Engine.start + Engine.finish for n new tokens, the tokens fetched to the host."""
+def jax_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
+  """run(n): Engine.start + Engine.finish for n <= new_tokens new tokens, the tokens fetched to the host."""
+  from mimix_jax import model as model_lib
+  from mimix_jax.generate import Engine, bucket
+  from mimix_jax.sampling import SamplingConfig
   engine = Engine(model_lib.create(cfg, seed=0))
   batch, prompt_len = prompts.shape
   rows = prompts.tolist()
 
+  greedy = SamplingConfig(temperature=0.0)
+
   def run(n: int):
-    cache = engine.new_cache(batch, bucket(prompt_len) + bucket(n))
-    state = engine.start(cache, rows, sampling=GREEDY, stop_ids=[], max_new_tokens=n, pad_id=0)
+    cache = engine.new_cache(batch, bucket(prompt_len) + bucket(new_tokens))
+    state = engine.start(cache, rows, sampling=greedy, stop_ids=[], max_new_tokens=n, pad_id=0)
     if n > 1:
       state = engine.finish(state)
     np.asarray(state.tokens)
@@ -57,10 +59,11 @@ def hf_config(cfg: ModelConfig):
       bos_token_id=None, eos_token_id=None, pad_token_id=0)
 
 
-def hf_runner(cfg: ModelConfig, prompts: np.ndarray):
-  """run(n): LlamaForCausalLM.generate (greedy, KV cache) for exactly n new tokens."""
+def hf_runner(cfg: ModelConfig, prompts: np.ndarray, threads: int):
+  """run(n): LlamaForCausalLM.generate (greedy, KV cache) for exactly n new tokens, on `threads` threads."""
   import torch
   from transformers import LlamaForCausalLM
+  torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = LlamaForCausalLM(hf_config(cfg)).eval()
   ids = torch.as_tensor(prompts, dtype=torch.long)
@@ -75,22 +78,27 @@ def hf_runner(cfg: ModelConfig, prompts: np.ndarray):
   return run
 
 
-def measure(runners: dict, new_tokens: int, repeats: int, batch: int) -> dict[str, tuple[float, float]]:
-  """{name: (ttft s, decode tokens/s)}; the runners alternate so that load from other processes hits both."""
-  for run in runners.values():  # compile / warm up
-    run(1), run(new_tokens)
-  times = {name: {1: [], new_tokens: []} for name in runners}
+def measure(side: str, name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+            threads: int = 0) -> tuple[float, float]:
+  """(ttft s, decode tokens/s) of "jax" or "hf" (on `threads` threads); meant to run in a fresh process."""
+  cfg = preset(name)
+  prompts = np.random.default_rng(0).integers(1, cfg.vocab_size - 1, (batch, prompt_len))
+  run = jax_runner(cfg, prompts, new_tokens) if side == "jax" else hf_runner(cfg, prompts, threads)
+  run(1), run(new_tokens)  # compile / warm up
+  times = {1: [], new_tokens: []}
   for _ in range(repeats):
-    for n in (1, new_tokens):
-      for name, run in runners.items():
-        t0 = time.perf_counter()
-        run(n)
-        times[name][n].append(time.perf_counter() - t0)
-  out = {}
-  for name, t in times.items():
-    t1, tn = statistics.median(t[1]), statistics.median(t[new_tokens])
-    out[name] = (t1, batch * (new_tokens - 1) / (tn - t1))
-  return out
+    for n in times:
+      t0 = time.perf_counter()
+      run(n)
+      times[n].append(time.perf_counter() - t0)
+  t1, tn = statistics.median(times[1]), statistics.median(times[new_tokens])
+  return t1, batch * (new_tokens - 1) / (tn - t1)
+
+
+def in_fresh_process(*args) -> tuple[float, float]:
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+    return pool.submit(measure, *args).result()
 
 
 def main(argv=None) -> None:
@@ -100,26 +108,29 @@ def main(argv=None) -> None:
   parser.add_argument("--prompt_len", type=int, default=64)
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--hf_threads", nargs="+", type=int, default=[1, 2],
+                      help="torch thread counts to try (2 threads collapse when other processes load the CPUs)")
   args = parser.parse_args(argv)
 
+  import jax
   import torch
   import transformers
-  print(f"# {platform.processor() or platform.machine()}, {jax.devices()[0].platform}, jax {jax.__version__}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
-        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, float32\n")
+  print(f"# {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, greedy, float32, median of {args.repeats}; HF: the faster of "
+        f"{' and '.join(map(str, args.hf_threads))} torch threads\n")
   print("| model | batch | mimix_jax TTFT (ms) | HF TTFT (ms) | mimix_jax decode (tok/s) | HF decode (tok/s) "
-        "| decode speed-up |")
-  print("|---|---|---|---|---|---|---|")
-  rng = np.random.default_rng(0)
+        "| HF threads | decode speed-up |")
+  print("|---|---|---|---|---|---|---|---|")
+  common = (args.prompt_len, args.new_tokens, args.repeats)
   for name in args.presets:
-    cfg = preset(name)
     for batch in args.batches:
-      prompts = rng.integers(1, cfg.vocab_size - 1, (batch, args.prompt_len))
-      r = measure(dict(jax=jax_runner(cfg, prompts), hf=hf_runner(cfg, prompts)), args.new_tokens, args.repeats,
-                  batch)
-      (jt, jr), (ht, hr) = r["jax"], r["hf"]
-      print(f"| {name} | {batch} | {jt * 1e3:.0f} | {ht * 1e3:.0f} | {jr:.1f} | {hr:.1f} | {jr / hr:.2f}x |",
-            flush=True)
+      jt, jr = in_fresh_process("jax", name, batch, *common)
+      hf = {t: in_fresh_process("hf", name, batch, *common, t) for t in args.hf_threads}
+      threads = max(hf, key=lambda t: hf[t][1])
+      ht, hr = hf[threads]
+      print(f"| {name} | {batch} | {jt * 1e3:.0f} | {ht * 1e3:.0f} | {jr:.1f} | {hr:.1f} | {threads} "
+            f"| {jr / hr:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from mimix_jax import attention
 from mimix_jax.model_config import ModelConfig
 from mimix_jax.sharding import constrain
 
-Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, D]; segment_ids: [B, S]; end: [] (next free slot)
+# k, v: [L, B, S, K, D] (or lists of L [B, S, K, D]: init_cache(per_layer=True)); segment_ids: [B, S];
+# end: [] (next free slot)
+Cache = dict[str, Any]
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -118,9 +120,9 @@ class Transformer(nnx.Module):
     positions [B, T]: RoPE positions (restart at 0 per packed document); default 0..T-1.
     segment_ids [B, T]: document ids, 0 = padding; default one document per row. Attention never crosses
     documents. With a cache, the T tokens are written at slots [cache.end, cache.end + T).
-    layer_weights: `split_layers()`, run as an unrolled loop instead of the scan over the stacked weights.
-    For decoding: XLA:CPU copies each layer's slice of the stacked weights on every call, which doubled
-    the time of a decode step.
+    layer_weights: `split_layers()`, run as an unrolled loop instead of the scan over the stacked weights,
+    with a per-layer cache (`init_cache(per_layer=True)`). For decoding: XLA:CPU copies each layer's slice
+    of stacked weights and caches on every call, which doubled the time of a decode step.
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
@@ -159,7 +161,7 @@ class Transformer(nnx.Module):
       for i, p in enumerate(layer_weights):
         h, kv = body(h, (p, None if kv_layers is None else (kv_layers[0][i], kv_layers[1][i])))
         new_kv.append(kv)
-      new_kv = None if kv_layers is None else tuple(jnp.stack(x) for x in zip(*new_kv))
+      new_kv = None if kv_layers is None else tuple(list(x) for x in zip(*new_kv))
 
     h = rms_norm(h, self.final_norm[...], cfg.norm_eps)
     if cache is None:
@@ -180,13 +182,17 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
     return mask_padded_vocab(logits, self.cfg.vocab_size)
 
-  def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
+  def init_cache(self, batch: int, length: int, dtype: Any = None, per_layer: bool = False) -> Cache:
     cfg = self.cfg
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
     dtype = dtype or cfg.dtype
+    if per_layer:
+      k, v = ([jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)] for _ in range(2))
+    else:
+      k, v = (jnp.zeros((cfg.n_layers, *shape), dtype) for _ in range(2))
     return dict(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=k,
+        v=v,
         segment_ids=jnp.zeros((batch, length), jnp.int32),
         end=jnp.zeros((), jnp.int32),
     )
