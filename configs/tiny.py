@@ -29,7 +29,7 @@ def get_config(stage="pretrain"):
     c.optimizer.update(lr=5e-4, warmup_steps=10)
     c.data.train_path = "demo_out/data/sft"
   elif stage == "dpo":
-    c.update(stage="dpo", max_len=256, batch_size=8, total_steps=40, init_from="demo_out/runs/sft")
+    c.update(stage="dpo", max_len=128, batch_size=8, total_steps=40, init_from="demo_out/runs/sft")
     c.optimizer.update(lr=1e-3, warmup_steps=5)
     c.data.train_path = "demo_out/data/dpo"
     c.dpo.update(beta=0.1, dpo_weight=1.0, sft_weight=0.1)  # RPO weighting

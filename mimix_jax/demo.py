@@ -38,14 +38,17 @@ def last_json(stdout: str) -> dict:
   return {}
 
 
-def split_pairs(source: Path, train: Path, held_out: Path, every: int = 10) -> None:
-  """Every `every`-th preference pair goes to the held-out split (by line, deterministic)."""
+def split_pairs(source: Path, train: Path, held_out: Path, every: int = 10, max_train: int = 480) -> None:
+  """Every `every`-th preference pair is held out (by line, deterministic); the first `max_train` others train.
+
+  DPO computes reference log-probs for every pair before training; 480 pairs cover the demo's 40 steps of 8 pairs.
+  """
   if train.exists() and held_out.exists():
     return
   train.parent.mkdir(parents=True, exist_ok=True)
   lines = gzip.open(source, "rt").read().splitlines()
   held_out.write_text("".join(l + "\n" for i, l in enumerate(lines) if i % every == 0))
-  train.write_text("".join(l + "\n" for i, l in enumerate(lines) if i % every))
+  train.write_text("".join(l + "\n" for l in [l for i, l in enumerate(lines) if i % every][:max_train]))
 
 
 def main(argv=None) -> int:
@@ -85,8 +88,8 @@ def main(argv=None) -> int:
   sft = train("sft")
   split_pairs(DATA / "chat/dpo/chatterbot_mismatch_pairs.jsonl.gz", out / "raw/dpo_train.jsonl",
               out / "raw/dpo_heldout.jsonl")
-  preprocess("dpo", "dpo", [str(out / "raw/dpo_train.jsonl")], 256)
-  preprocess("dpo", "dpo_heldout", [str(out / "raw/dpo_heldout.jsonl")], 256)
+  preprocess("dpo", "dpo", [str(out / "raw/dpo_train.jsonl")], 128)
+  preprocess("dpo", "dpo_heldout", [str(out / "raw/dpo_heldout.jsonl")], 128)
   dpo = train("dpo", [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_steps=100"])
 
   ppl = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--data",

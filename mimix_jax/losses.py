@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mimix_jax.model import mask_padded_vocab
+from mimix_jax.model import mask_padded_vocab, project
 
 
 def token_nll(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int, chunk: int = 0):
@@ -24,7 +24,7 @@ def token_nll(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: in
   table = table.astype(h.dtype)
 
   def nll_of(hc, tc):
-    logits = jnp.einsum("bcd,vd->bcv", hc, table, preferred_element_type=jnp.float32)
+    logits = project(hc, table.T, preferred_element_type=jnp.float32)  # [B, c, V]
     logits = mask_padded_vocab(logits, vocab_size)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]

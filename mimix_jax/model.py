@@ -11,6 +11,7 @@ kv heads, D head dim, F FFN width, L layers, V (padded) vocabulary.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -68,13 +69,24 @@ class DecoderLayers(nnx.Module):
     return {name: getattr(self, name)[...] for name in _LAYER_PARAMS}
 
 
+def project(x: jax.Array, w: jax.Array, n_contract: int = 1, preferred_element_type=None) -> jax.Array:
+  """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D matmul [N, in] @ [in, out].
+
+  The same as an einsum, but XLA:CPU runs the gradients of 3-D einsums (two contracting dims for dW) about 1.5x
+  slower than the flattened matmul; on GPU both compile to the same GEMMs.
+  """
+  lead, k = x.shape[: x.ndim - n_contract], math.prod(x.shape[x.ndim - n_contract:])
+  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *w.shape[n_contract:])
+
+
 def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
   """One pre-norm block. h [B, T, d]; p: this layer's params; kv_cache: (k, v) [B, S, K, D] or None."""
   dt = h.dtype
   a = rms_norm(h, p["attn_norm"], cfg.norm_eps)
-  q = checkpoint_name(jnp.einsum("btd,dhk->bthk", a, p["wq"].astype(dt)), "q")
-  k = checkpoint_name(jnp.einsum("btd,dhk->bthk", a, p["wk"].astype(dt)), "k")
-  v = checkpoint_name(jnp.einsum("btd,dhk->bthk", a, p["wv"].astype(dt)), "v")
+  q = checkpoint_name(project(a, p["wq"].astype(dt)), "q")  # [B, T, H, D]
+  k = checkpoint_name(project(a, p["wk"].astype(dt)), "k")  # [B, T, K, D]
+  v = checkpoint_name(project(a, p["wv"].astype(dt)), "v")
   q = attention.apply_rope(q, positions, cfg.max_len, cfg.rope_base)
   k = attention.apply_rope(k, positions, cfg.max_len, cfg.rope_base)
   if kv_cache is not None:  # write this step's keys/values at slots [end, end + T), attend over the whole cache
@@ -87,13 +99,13 @@ def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
   else:
     out = attention.xla_attention(q, k, v, mask)
   out = checkpoint_name(out, "attn_out")
-  h = h + jnp.einsum("bthk,hkd->btd", out, p["wo"].astype(dt))
+  h = h + project(out, p["wo"].astype(dt), n_contract=2)
   h = constrain(h, "batch", "length", "act_embed")
 
   f = rms_norm(h, p["mlp_norm"], cfg.norm_eps)
-  gate = checkpoint_name(jnp.einsum("btd,df->btf", f, p["w_gate"].astype(dt)), "gate")
-  up = checkpoint_name(jnp.einsum("btd,df->btf", f, p["w_up"].astype(dt)), "up")
-  h = h + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+  gate = checkpoint_name(project(f, p["w_gate"].astype(dt)), "gate")  # [B, T, F]
+  up = checkpoint_name(project(f, p["w_up"].astype(dt)), "up")
+  h = h + project(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
   return constrain(h, "batch", "length", "act_embed"), kv_cache
 
 
@@ -179,7 +191,7 @@ class Transformer(nnx.Module):
   def logits(self, h: jax.Array) -> jax.Array:
     """h [B, T, d] -> float32 logits [B, T, V_padded], padded entries -inf."""
     table = self.embed[...].astype(h.dtype)
-    logits = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
+    logits = project(h, table.T, preferred_element_type=jnp.float32)
     return mask_padded_vocab(logits, self.cfg.vocab_size)
 
   def init_cache(self, batch: int, length: int, dtype: Any = None, per_layer: bool = False) -> Cache:
