@@ -54,16 +54,24 @@ def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, q_slot: jax.Arra
   return same_doc & causal
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def mask_bias(mask: jax.Array) -> jax.Array:
+  """[B, T, S] bool -> additive float32 bias (0 or a large negative), built once and shared by every layer.
+
+  Adding a bias instead of selecting keeps the backward pass an identity for the scores (no select, no zeros).
+  """
+  return jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
   """Plain attention with a float32 softmax; works on every backend.
 
-  q [B, T, H, D], k/v [B, S, K, D], mask [B, T, S] -> [B, T, H, D]. Query head h uses kv head h // G.
+  q [B, T, H, D], k/v [B, S, K, D], bias [B, T, S] (mask_bias) -> [B, T, H, D]. Query head h uses kv head h // G.
   """
   b, t, h, d = q.shape
   n_kv = k.shape[2]
   q = q.reshape(b, t, n_kv, h // n_kv, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+  scores = scores + bias[:, None, None, :, :]
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)

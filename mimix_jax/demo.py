@@ -39,7 +39,8 @@ def last_json(stdout: str) -> dict:
 
 
 def split_pairs(source: Path, train: Path, held_out: Path, every: int = 10, max_train: int = 480) -> None:
-  """Every `every`-th preference pair is held out (by line, deterministic); the first `max_train` others train.
+  """Every `every`-th preference pair is held out (by line, deterministic); `max_train` of the others, evenly spread
+  over the file (it is sorted by topic), train.
 
   DPO computes reference log-probs for every pair before training; 480 pairs cover the demo's 40 steps of 8 pairs.
   """
@@ -48,7 +49,8 @@ def split_pairs(source: Path, train: Path, held_out: Path, every: int = 10, max_
   train.parent.mkdir(parents=True, exist_ok=True)
   lines = gzip.open(source, "rt").read().splitlines()
   held_out.write_text("".join(l + "\n" for i, l in enumerate(lines) if i % every == 0))
-  train.write_text("".join(l + "\n" for l in [l for i, l in enumerate(lines) if i % every][:max_train]))
+  others = [l for i, l in enumerate(lines) if i % every]
+  train.write_text("".join(l + "\n" for l in others[:: max(1, len(others) // max_train)][:max_train]))
 
 
 def main(argv=None) -> int:

@@ -146,12 +146,14 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
 
     if cache is None:
-      mask = None if fused else attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+      mask = None if fused else attention.mask_bias(
+          attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t)))
       kv_layers, end = None, None
     else:
       end = cache["end"]
       kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-      mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+      mask = attention.mask_bias(
+          attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1])))
       kv_layers = (cache["k"], cache["v"])
 
     h = self.embed[...].astype(dt)[tokens]
@@ -211,10 +213,10 @@ class Transformer(nnx.Module):
 
 
 def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+  """Padded-vocabulary logits -> -inf, as an added [V] bias (its gradient is the identity: no select)."""
   if logits.shape[-1] == vocab_size:
     return logits
-  valid = jnp.arange(logits.shape[-1]) < vocab_size
-  return jnp.where(valid, logits, -jnp.inf)
+  return logits + jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, 0.0, -jnp.inf).astype(logits.dtype)
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
