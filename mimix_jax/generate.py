@@ -78,6 +78,18 @@ class Generation:
   text: str = ""  # filled in by the text-level functions
 
 
+def _logits(model: Transformer, embed_t: jax.Array, h: jax.Array) -> jax.Array:
+  """h [B, 1, d] -> float32 logits [B, V_padded] (padded entries -inf).
+
+  On XLA:CPU a batch-1 (matrix-vector) dot transposes model.logits' [V, d] table on every call (53 of the 85 ms
+  of a base-model step), so batch 1 reads the [d, V] copy; at batch 8 the [V, d] layout is the faster one.
+  """
+  if h.shape[0] > 1:
+    return model.logits(h)[:, 0]
+  logits = jnp.einsum("bd,dv->bv", h[:, 0], embed_t, preferred_element_type=jnp.float32)
+  return mask_padded_vocab(logits, model.cfg.vocab_size)
+
+
 def _choose(logits: jax.Array, state: DecodeState) -> jax.Array:
   """The token of index state.count for every row [B] (pad_id for rows that already stopped)."""
   tok = sampling_lib.next_token(logits, state.sampling, state.keys, state.count, state.tokens, state.count,
@@ -98,7 +110,7 @@ def _start(graphdef, weights, cache: Cache, prompt: dict[str, jax.Array], settin
   prompt: tokens / positions / segment_ids [B, T] (real tokens in columns < n_valid), n_valid [],
   next_positions [B]; settings: limit, seed, row_ids [B], stop_ids, sampling (SamplingConfig.arrays()).
   """
-  state_weights, layers = weights
+  state_weights, layers, embed_t = weights
   model = nnx.merge(graphdef, state_weights)
   h, new_cache = model.hidden(prompt["tokens"], prompt["positions"], prompt["segment_ids"], cache, layers)
   n_valid = prompt["n_valid"]
@@ -116,16 +128,16 @@ def _start(graphdef, weights, cache: Cache, prompt: dict[str, jax.Array], settin
       sampling=settings["sampling"],
       greedy=greedy, penalize=penalize, pad_id=pad_id)
   last = jax.lax.dynamic_slice_in_dim(h, n_valid - 1, 1, axis=1)  # [B, 1, d]
-  return _record(state, _choose(model.logits(last)[:, 0], state))
+  return _record(state, _choose(_logits(model, embed_t, last), state))
 
 
 def _step(graphdef, weights, state: DecodeState) -> DecodeState:
   """Feeds the newest token of every row and picks the next."""
-  state_weights, layers = weights
+  state_weights, layers, embed_t = weights
   model = nnx.merge(graphdef, state_weights)
   newest = jax.lax.dynamic_slice_in_dim(state.tokens, state.count - 1, 1, axis=1)  # [B, 1]
   h, cache = model.hidden(newest, state.positions[:, None], jnp.ones_like(newest), state.cache, layers)
-  tok = _choose(model.logits(h)[:, 0], state)
+  tok = _choose(_logits(model, embed_t, h), state)
   return _record(state, tok, cache=cache, positions=state.positions + 1)
 
 
@@ -144,29 +156,31 @@ _finish_jit = jax.jit(_finish, static_argnums=0, donate_argnums=2)
 
 
 @nnx.jit
-def _decode_weights(model: Transformer) -> tuple[list[dict[str, jax.Array]], jax.Array]:
-  """(one weight dict per layer, the embedding) in the compute dtype."""
-  return model.split_layers(), model.embed[...].astype(jnp.dtype(model.cfg.dtype))
+def _decode_weights(model: Transformer) -> tuple[list[dict[str, jax.Array]], jax.Array, jax.Array]:
+  """(one weight dict per layer, the embedding [V, d], its transpose [d, V]) in the compute dtype."""
+  embed = model.embed[...].astype(jnp.dtype(model.cfg.dtype))
+  return model.split_layers(), embed, embed.T
 
 
 class Engine:
   """A model ready to decode: decode-friendly weights made once, jitted prefill / step / loop.
 
   Compiled code is shared by all engines of the same model config (keyed by the graph and the shapes).
-  The engine holds its own copy of the layer weights (one array per layer, see Transformer.hidden) and a
-  per-layer cache: drop the model afterwards to free its stacked weights.
+  The engine holds its own copy of the layer weights (one array per layer, see Transformer.hidden), a [d, V]
+  copy of the embedding (see _logits) and uses a per-layer cache: drop the model afterwards to free its
+  stacked weights.
   """
 
   def __init__(self, model: Transformer):
     self.cfg = model.cfg
     graphdef, state = nnx.split(model)
-    layers, embed = _decode_weights(model)
+    layers, embed, embed_t = _decode_weights(model)
     pure = nnx.to_pure_dict(state)
     pure["embed"] = embed
     pure["layers"] = {k: jnp.zeros((0,)) for k in pure["layers"]}  # hidden() runs on the split layers
     nnx.replace_by_pure_dict(state, pure)
     self._graphdef = graphdef
-    self._weights = (state, layers)
+    self._weights = (state, layers, embed_t)
     self._model = nnx.merge(graphdef, state)  # for init_cache; holds no stacked layer weights
 
   def new_cache(self, batch: int, slots: int) -> Cache:
