@@ -105,7 +105,8 @@ class ChatSession:
       while self.turns and history + len(user) + reserve > self.max_len:
         history -= len(self.turns.pop(0))
         dropped += 1
-      self.notify(f"[context full ({self.max_len} tokens): dropped the {dropped} oldest turn(s)]")
+      if dropped:
+        self.notify(f"[context full ({self.max_len} tokens): dropped the {dropped} oldest turn(s)]")
       self.cache, self.cached, self.pending = None, 0, []
       new = self.prefix + [t for turn in self.turns for t in turn] + user
     return new, user
