@@ -9,7 +9,7 @@ from mimix_jax.model_config import preset
 
 def get_config(stage="pretrain"):
   c = base.defaults()
-  c.model = preset("tiny", dtype="float32").to_dict()
+  c.model = preset("tiny", dtype="float32", scan_layers=False).to_dict()
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.tokenizer_path = "demo_out/tokenizer"
   c.log_every = 5

@@ -5,7 +5,7 @@ embedding E tied to the output projection. GQA attention with rotate-half RoPE (
 no biases, N(0, 0.02) init, norm scales 1.
 
 The layers' parameters are stacked along a leading `layers` axis and run under `jax.lax.scan`, so compile
-time does not grow with depth. Shape letters: B batch, T length, S cache length, d model width, H / K query /
+time does not grow with depth (or, with `scan_layers=False`, as an unrolled loop: faster on a CPU). Shape letters: B batch, T length, S cache length, d model width, H / K query /
 kv heads, D head dim, F FFN width, L layers, V (padded) vocabulary.
 """
 
@@ -134,7 +134,8 @@ class Transformer(nnx.Module):
     documents. With a cache, the T tokens are written at slots [cache.end, cache.end + T).
     layer_weights: `split_layers()`, run as an unrolled loop instead of the scan over the stacked weights,
     with a per-layer cache (`init_cache(per_layer=True)`). For decoding: XLA:CPU copies each layer's slice
-    of stacked weights and caches on every call, which doubled the time of a decode step.
+    of stacked weights and caches on every call, which doubled the time of a decode step. Without a cache,
+    `cfg.scan_layers=False` selects the same loop.
     """
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
@@ -167,6 +168,8 @@ class Transformer(nnx.Module):
       if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {cfg.remat!r}; choose from none, {', '.join(REMAT_POLICIES)}")
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    if layer_weights is None and cache is None and not cfg.scan_layers:
+      layer_weights = self.split_layers()
     if layer_weights is None:
       params = jax.tree.map(lambda x: x.astype(dt) if x.ndim > 2 else x, self.layers.stacked())
       h, new_kv = jax.lax.scan(body, h, (params, kv_layers))

@@ -173,8 +173,9 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
   np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots", "save_proj"])
-def test_remat_policies_give_the_same_gradients(remat):
+@pytest.mark.parametrize("remat,scan_layers", [("full", True), ("save_dots", True), ("save_proj", True),
+                                               ("none", False), ("save_dots", False)])
+def test_remat_policies_and_unrolled_layers_give_the_same_gradients(remat, scan_layers):
   tokens = np.random.default_rng(6).integers(0, SMALL.vocab_size, (2, 8))
 
   def grads(cfg):
@@ -183,7 +184,7 @@ def test_remat_policies_give_the_same_gradients(remat):
     loss = lambda m: jnp.mean(jax.nn.logsumexp(m(tokens)[..., : cfg.vocab_size], -1))
     return jax.tree.leaves(nnx.grad(loss)(model))
 
-  for a, b in zip(grads(SMALL), grads(dataclasses.replace(SMALL, remat=remat))):
+  for a, b in zip(grads(SMALL), grads(dataclasses.replace(SMALL, remat=remat, scan_layers=scan_layers))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
