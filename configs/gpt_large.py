@@ -17,7 +17,7 @@ def get_config(stage="pretrain"):
   c.keep_every = 20000
   c.optimizer.update(weight_decay=0.01, clip_norm=1.0, schedule="cosine", min_lr_ratio=1e-4)  # clip: ours
 
-  # 150 sequences per GPU per step do not fit at once: 5 micro-batches of 30 (planner: ~36 GiB per device).
+  # 150 sequences per GPU per step do not fit at once: 5 micro-batches of 30 (planner: ~34 GiB per device).
   c.grad_accum_steps = 5
   c.loss_chunk = 256  # never materialise [30, 1024, 50304] float32 logits (6 GB per GPU)
 

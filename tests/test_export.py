@@ -21,7 +21,6 @@ from safetensors import safe_open
 from mimix_jax import checkpoint as ckpt
 from mimix_jax import export as export_lib
 from mimix_jax import generate as generate_lib
-from mimix_jax import hf_format
 from mimix_jax import import_hf as import_lib
 from mimix_jax import model as model_lib
 from mimix_jax import sharding
