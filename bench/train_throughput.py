@@ -53,7 +53,7 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
   local = {"inputs": rng.integers(0, shape["model"]["vocab_size"], (b, t), dtype=np.int32),
            "targets": rng.integers(0, shape["model"]["vocab_size"], (b, t), dtype=np.int32),
            "loss_mask": np.ones((b, t), np.float32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-  # The fused kernel takes no segment ids: give it unpacked rows (one document each) by leaving them out.
+  # Rows of one document each: without segment ids the fused kernel runs its mask-free causal case.
   if attention == "xla":
     local["segment_ids"] = np.ones((b, t), np.int32)
   with sharding.activate(mesh):
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the shape's)")
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours / torch")
-  p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+  p.add_argument("--attention", default="xla", choices=["xla", "fused", "cudnn"])
   p.add_argument("--remat", default=None)
   p.add_argument("--loss_chunk", type=int, default=0)
   p.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=None,

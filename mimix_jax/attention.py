@@ -77,10 +77,14 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> 
   return out.reshape(b, t, h, d)
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-  """`jax.nn.dot_product_attention` for causal rows of ONE document each (no padding, no packing).
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    implementation: str | None) -> jax.Array:
+  """`jax.nn.dot_product_attention` (implementation "cudnn", "xla" or None = the best available) for training.
 
-  The cuDNN kernel takes no segment ids, so callers must only use it when segment ids are absent.
+  q [B, T, H, D], k/v [B, T, K, D]; mask [B, T, T] bool (attention_mask) for packed documents or padding, or None
+  for rows of one document each (the kernel's own causal mask, the fastest case). cuDNN applies a mask as an
+  additive bias inside the fused kernel. GQA is native: query head h uses kv head h // G, as in xla_attention.
   """
-  # GQA is native: jax groups query head h onto kv head h // G, the same layout as xla_attention.
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  if mask is None:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)

@@ -11,6 +11,7 @@ kv heads, D head dim, F FFN width, L layers, V (padded) vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -80,8 +81,9 @@ def project(x: jax.Array, w: jax.Array, n_contract: int = 1, preferred_element_t
   return y.reshape(*lead, *w.shape[n_contract:])
 
 
-def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
-  """One pre-norm block. h [B, T, d]; p: this layer's params; kv_cache: (k, v) [B, S, K, D] or None."""
+def _block(cfg: ModelConfig, h, p, positions, attend, kv_cache, cache_end):
+  """One pre-norm block. h [B, T, d]; p: this layer's params; attend(q, k, v) -> [B, T, H, D];
+  kv_cache: (k, v) [B, S, K, D] or None."""
   dt = h.dtype
   a = rms_norm(h, p["attn_norm"], cfg.norm_eps)
   q = checkpoint_name(project(a, p["wq"].astype(dt)), "q")  # [B, T, H, D]
@@ -94,11 +96,7 @@ def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
     v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_end, axis=1)
     kv_cache = (k, v)
     k, v = k.astype(dt), v.astype(dt)
-  if mask is None:
-    out = attention.fused_attention(q, k, v, implementation=cfg.attention)
-  else:
-    out = attention.xla_attention(q, k, v, mask)
-  out = checkpoint_name(out, "attn_out")
+  out = checkpoint_name(attend(q, k, v), "attn_out")
   h = h + project(out, p["wo"].astype(dt), n_contract=2)
   h = constrain(h, "batch", "length", "act_embed")
 
@@ -107,6 +105,24 @@ def _block(cfg: ModelConfig, h, p, positions, mask, kv_cache, cache_end):
   up = checkpoint_name(project(f, p["w_up"].astype(dt)), "up")
   h = h + project(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
   return constrain(h, "batch", "length", "act_embed"), kv_cache
+
+
+def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t: int):
+  """attend(q, k, v) -> [B, T, H, D] for this call, and the cache's segment ids after it (None without a cache)."""
+  if cache is None and cfg.attention != "xla":  # the fused kernel; rows of one document need no mask at all
+    mask = None if segment_ids is None else attention.attention_mask(
+        segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+    implementation = None if cfg.attention == "fused" else cfg.attention  # None: cuDNN if it can, else XLA
+    return functools.partial(attention.fused_attention, mask=mask, implementation=implementation), None
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  if cache is None:
+    kv_segment, mask = None, attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+  else:
+    end = cache["end"]
+    kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
+    mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+  return functools.partial(attention.xla_attention, bias=attention.mask_bias(mask)), kv_segment
 
 
 class Transformer(nnx.Module):
@@ -140,29 +156,18 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens.shape
-    fused = cfg.attention != "xla" and segment_ids is None and cache is None
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
 
-    if cache is None:
-      mask = None if fused else attention.mask_bias(
-          attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t)))
-      kv_layers, end = None, None
-    else:
-      end = cache["end"]
-      kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-      mask = attention.mask_bias(
-          attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1])))
-      kv_layers = (cache["k"], cache["v"])
+    attend, kv_segment = _attention_for(cfg, segment_ids, cache, b, t)
+    kv_layers, end = (None, None) if cache is None else ((cache["k"], cache["v"]), cache["end"])
 
     h = self.embed[...].astype(dt)[tokens]
     h = constrain(h, "batch", "length", "act_embed")
 
     def body(h, xs):
       p, kv = xs
-      return _block(cfg, h, p, positions, mask, kv, end)
+      return _block(cfg, h, p, positions, attend, kv, end)
 
     if cfg.remat != "none" and cache is None:
       if cfg.remat not in REMAT_POLICIES:

@@ -26,7 +26,10 @@ class ModelConfig:
   # Embedding rows are padded to a multiple of this for fast matmuls; padded logits are masked to -inf.
   vocab_multiple: int = 128
   dtype: str = "float32"  # compute dtype; params are always float32
-  attention: str = "xla"  # "xla" (works everywhere, document masks) | "cudnn" (fused; no document masks)
+  # Training attention. "xla": ours, explicit masks, every backend. "fused": jax.nn.dot_product_attention, which
+  # picks cuDNN's fused kernel where it can and its own XLA version elsewhere. "cudnn": that kernel or an error.
+  # Packed documents reach the fused kernel as a mask; decoding always uses "xla".
+  attention: str = "xla"
   remat: str = "none"  # "none" | "full" | "save_dots" (see model.REMAT_POLICIES)
   # Run the layers under lax.scan (compile time independent of depth) or as an unrolled loop over the same
   # stacked weights: on XLA:CPU the scan's per-layer weight slices and stacked activations cost ~20% of a step.
@@ -37,6 +40,8 @@ class ModelConfig:
       raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+    if self.attention not in ("xla", "fused", "cudnn"):
+      raise ValueError(f"attention must be 'xla', 'fused' or 'cudnn', got {self.attention!r}")
     if (self.d_model // self.n_heads) % 2:
       raise ValueError("head_dim must be even for rotate-half RoPE")
 

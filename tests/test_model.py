@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mimix_jax import attention
 from mimix_jax import model as model_lib
 from mimix_jax import sharding
 from mimix_jax.model_config import PRESETS, ModelConfig, preset
@@ -147,6 +148,36 @@ def test_segment_isolation_document_a_never_changes_document_b():
   # Document B alone in its own row gives the same logits: packing is invisible.
   alone = np.asarray(model(tokens[:, 6:], positions[:, 6:], np.ones((1, 8), np.int32)))
   np.testing.assert_allclose(a[:, 6:, : SMALL.vocab_size], alone[..., : SMALL.vocab_size], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_equals_the_xla_path_on_packed_and_unpacked_rows():
+  # jax.nn.dot_product_attention's portable implementation runs the same wrapper, mask and GQA layout as cuDNN.
+  rng = np.random.default_rng(8)
+  q = jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32) for _ in range(2))
+  packed = np.array([[1] * 5 + [2] * 6 + [3] * 5, [1] * 9 + [2] * 4 + [0] * 3])
+  one_doc = np.ones_like(packed)
+  slots = jnp.arange(16)
+  for segments, mask_arg in ((packed, "mask"), (one_doc, None)):
+    mask = attention.attention_mask(segments, segments, slots, slots)
+    expected = np.asarray(attention.xla_attention(q, k, v, attention.mask_bias(mask)))
+    got = np.asarray(attention.fused_attention(q, k, v, mask if mask_arg else None, implementation="xla"))
+    real = segments != 0  # padding rows attend to nothing; their output is never used
+    np.testing.assert_allclose(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_fused_attention_matches_the_xla_model_packed_or_not():
+  fused = dataclasses.replace(SMALL, attention="fused")  # on a CPU: jax's XLA version of the fused op
+  tokens = np.random.default_rng(9).integers(0, SMALL.vocab_size, (2, 16))
+  segments = np.array([[1] * 5 + [2] * 6 + [3] * 5, [1] * 9 + [2] * 4 + [0] * 3])
+  positions = np.array([list(range(5)) + list(range(6)) + list(range(5)), list(range(9)) + list(range(4)) + [0] * 3])
+  ours, theirs = model_lib.create(SMALL, seed=9), model_lib.create(fused, seed=9)
+  real = segments != 0
+  np.testing.assert_allclose(np.asarray(theirs(tokens, positions, segments))[real],
+                             np.asarray(ours(tokens, positions, segments))[real], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(theirs(tokens)), np.asarray(ours(tokens)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="attention must be"):
+    dataclasses.replace(SMALL, attention="flash")
 
 
 def test_bfloat16_compute_stays_close_to_float32():
