@@ -68,8 +68,8 @@ def write_run_info(run_dir: Path | str, model_cfg: ModelConfig, tokenizer_dir: P
 
 
 def resolve(path: Path | str) -> tuple[Path, Path]:
-  """A run dir (-> its latest checkpoint) or a step dir (RUN/checkpoints/STEP) -> (run_dir, step_dir)."""
-  path = Path(path)
+  """A run dir (-> its latest checkpoint) or a step dir (RUN/checkpoints/STEP) -> absolute (run_dir, step_dir)."""
+  path = Path(path).absolute()  # Orbax refuses relative paths
   if (path / "model.json").exists():
     step = latest_step(path)
     if step is None:

@@ -5,8 +5,9 @@ embedding E tied to the output projection. GQA attention with rotate-half RoPE (
 no biases, N(0, 0.02) init, norm scales 1.
 
 The layers' parameters are stacked along a leading `layers` axis and run under `jax.lax.scan`, so compile
-time does not grow with depth (or, with `scan_layers=False`, as an unrolled loop: faster on a CPU). Shape letters: B batch, T length, S cache length, d model width, H / K query /
-kv heads, D head dim, F FFN width, L layers, V (padded) vocabulary.
+time does not grow with depth (or, with `scan_layers=False`, as an unrolled loop: faster on a CPU).
+Shape letters: B batch, T length, S cache length, d model width, H / K query / kv heads, D head dim,
+F FFN width, L layers, V (padded) vocabulary.
 """
 
 from __future__ import annotations

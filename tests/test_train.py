@@ -20,7 +20,8 @@ SMALL_MODEL = ["--config.model.vocab_size=2000", "--config.model.n_layers=2", "-
 
 
 def train_cmd(run_dir, shards, tokenizer_dir, *extra, max_len=64, steps=12):
-  return [sys.executable, "-m", "mimix_jax.train", "--config", "configs/tiny.py:pretrain", "--workdir", str(run_dir),
+  return [sys.executable, "-m", "mimix_jax.train", "--config", f"{REPO}/configs/tiny.py:pretrain",
+          "--workdir", str(run_dir),
           f"--config.data.train_path={shards}", f"--config.tokenizer_path={tokenizer_dir}", "--config.init_from=",
           f"--config.max_len={max_len}", "--config.batch_size=4", f"--config.total_steps={steps}",
           "--config.log_every=1", "--config.save_every_steps=3", "--config.optimizer.warmup_steps=2", *SMALL_MODEL,
@@ -83,8 +84,10 @@ def test_init_from_hands_params_from_a_short_context_run_to_a_longer_one(tmp_pat
   fresh, handed = tmp_path / "fresh", tmp_path / "pretrain_2048"
   subprocess.run(train_cmd(fresh, long_shards, tokenizer_dir, max_len=128, steps=1), check=True, cwd=REPO,
                  env=env(), capture_output=True)
-  out = subprocess.run(train_cmd(handed, long_shards, tokenizer_dir, f"--config.init_from={stage1}", max_len=128,
-                                 steps=1), check=True, cwd=REPO, env=env(), capture_output=True, text=True)
+  # Relative run and init_from paths, as `make demo` and users pass them (Orbax itself wants absolute ones).
+  out = subprocess.run(train_cmd(handed.name, long_shards, tokenizer_dir, f"--config.init_from={stage1.name}",
+                                 max_len=128, steps=1), check=True, cwd=tmp_path, env=env(), capture_output=True,
+                       text=True)
   assert "initialised params from" in out.stdout
   # The hand-over kept what stage 1 learnt: its first loss at the new length is far below a fresh model's.
   assert losses_of(handed)[1] < losses_of(fresh)[1] - 1.0
