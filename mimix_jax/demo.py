@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     run_dir = out / "runs" / stage
     overrides = [f"--config.tokenizer_path={tok}", f"--config.data.train_path={out}/data/{_data_name(stage)}",
                  f"--config.init_from={out}/runs/{_previous(stage)}" if _previous(stage) else "--config.init_from="]
-    return last_json(sh(py + ["mimix_jax.train", "--config", f"{args.config}:{stage}", "--workdir", str(run_dir),
-                              *overrides, f"--config.total_steps={steps}", *extra], summary, stage))
+    sh(py + ["mimix_jax.train", "--config", f"{args.config}:{stage}", "--workdir", str(run_dir), *overrides,
+             f"--config.total_steps={steps}", *extra], summary, stage)
 
   if not (tok / "tokenizer.model").exists():
     sh(py + ["mimix_jax.tokenizer", "--input", str(DATA / "corpus/train"), "--vocab_size", "4096",
@@ -84,15 +84,15 @@ def main(argv=None) -> int:
 
   preprocess("pretrain", "pretrain_128", [str(DATA / "corpus/train")], 128)
   preprocess("pretrain", "pretrain_256", [str(DATA / "corpus/train")], 256)
-  pre = train("pretrain")
-  ext = train("pretrain_2048")
+  train("pretrain")
+  train("pretrain_2048")
   preprocess("sft", "sft", [str(DATA / "chat/sft/chatterbot_en.jsonl.gz")], 256, ["--pack"])
-  sft = train("sft")
+  train("sft")
   split_pairs(DATA / "chat/dpo/chatterbot_mismatch_pairs.jsonl.gz", out / "raw/dpo_train.jsonl",
               out / "raw/dpo_heldout.jsonl")
   preprocess("dpo", "dpo", [str(out / "raw/dpo_train.jsonl")], 128)
   preprocess("dpo", "dpo_heldout", [str(out / "raw/dpo_heldout.jsonl")], 128)
-  dpo = train("dpo", [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_steps=100"])
+  train("dpo", [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_steps=100"])
 
   ppl = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--data",
                            str(DATA / "corpus/eval"), "--output", str(out / "ppl.json")], summary, "perplexity"))
@@ -104,9 +104,12 @@ def main(argv=None) -> int:
 
   print("\n=== summary")
   print("\n".join(summary))
-  for name, r in (("pretrain", pre), ("pretrain_2048", ext), ("sft", sft), ("dpo", dpo)):
-    if r:
-      print(f"{name:<14} final loss {r.get('loss')}")
+  for stage in ("pretrain", "pretrain_2048", "sft", "dpo"):
+    losses = [r["loss"] for r in _records(out / "runs" / stage / "metrics.jsonl")]
+    print(f"{stage:<14} loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} logged steps)")
+  held_out = _records(out / "runs/dpo/eval.jsonl")[-1]
+  print(f"dpo held-out pairs: reward accuracy {held_out['rewards/accuracies']:.2f}, "
+        f"reward margin {held_out['rewards/margins']:.2f}")
   if ppl:
     print(f"perplexity on data/corpus/eval: {ppl['ppl']:.2f} over {ppl['tokens']} tokens")
   print(f"\nrun directories: {out}/runs/{{pretrain,pretrain_2048,sft,dpo}} (loss curves: loss.png in each)")
@@ -114,6 +117,10 @@ def main(argv=None) -> int:
   print(f"chat reply to 'What is AI?': {reply.strip()}")
   print(f"start chatting: python -m mimix_jax.chat --checkpoint {out}/runs/dpo   (or launch/chat.sh {out}/runs/dpo)")
   return 0
+
+
+def _records(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _data_name(stage: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ def records(path):
 
 def test_demo_pipeline_runs_every_stage(tmp_path):
   out = tmp_path / "demo"
-  proc = subprocess.run([sys.executable, "-m", "mimix_jax.demo", "--workdir", str(out), "--scale", "0.5"],
+  # A relative workdir, as `make demo` passes it (every stage must cope with relative paths).
+  workdir = os.path.relpath(out, REPO)
+  proc = subprocess.run([sys.executable, "-m", "mimix_jax.demo", "--workdir", workdir, "--scale", "0.5"],
                         cwd=REPO, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   runs = out / "runs"
@@ -40,7 +43,7 @@ def test_demo_pipeline_runs_every_stage(tmp_path):
   assert reply
 
   # A second run reuses every finished stage.
-  again = subprocess.run([sys.executable, "-m", "mimix_jax.demo", "--workdir", str(out), "--scale", "0.5"],
+  again = subprocess.run([sys.executable, "-m", "mimix_jax.demo", "--workdir", workdir, "--scale", "0.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0
   assert "=== tokenizer" not in again.stdout and "=== prep" not in again.stdout
