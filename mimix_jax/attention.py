@@ -77,9 +77,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> 
   return out.reshape(b, t, h, d)
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                    implementation: str | None) -> jax.Array:
-  """`jax.nn.dot_product_attention` (implementation "cudnn", "xla" or None = the best available) for training.
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` (implementation "cudnn" or "xla") for training.
 
   q [B, T, H, D], k/v [B, T, K, D]; mask [B, T, T] bool (attention_mask) for packed documents or padding, or None
   for rows of one document each (the kernel's own causal mask, the fastest case). cuDNN applies a mask as an

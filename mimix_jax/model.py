@@ -108,13 +108,20 @@ def _block(cfg: ModelConfig, h, p, positions, attend, kv_cache, cache_end):
   return constrain(h, "batch", "length", "act_embed"), kv_cache
 
 
+def _fused_implementation(cfg: ModelConfig) -> str:
+  """"cudnn" or "xla" for jax.nn.dot_product_attention (its own default, None, still means XLA)."""
+  if cfg.attention != "fused":
+    return cfg.attention
+  cudnn_ok = jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")  # cuDNN wants 16-bit inputs
+  return "cudnn" if cudnn_ok else "xla"
+
+
 def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t: int):
   """attend(q, k, v) -> [B, T, H, D] for this call, and the cache's segment ids after it (None without a cache)."""
   if cache is None and cfg.attention != "xla":  # the fused kernel; rows of one document need no mask at all
     mask = None if segment_ids is None else attention.attention_mask(
         segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
-    implementation = None if cfg.attention == "fused" else cfg.attention  # None: cuDNN if it can, else XLA
-    return functools.partial(attention.fused_attention, mask=mask, implementation=implementation), None
+    return functools.partial(attention.fused_attention, mask=mask, implementation=_fused_implementation(cfg)), None
   if segment_ids is None:
     segment_ids = jnp.ones((b, t), jnp.int32)
   if cache is None:

@@ -26,9 +26,9 @@ class ModelConfig:
   # Embedding rows are padded to a multiple of this for fast matmuls; padded logits are masked to -inf.
   vocab_multiple: int = 128
   dtype: str = "float32"  # compute dtype; params are always float32
-  # Training attention. "xla": ours, explicit masks, every backend. "fused": jax.nn.dot_product_attention, which
-  # picks cuDNN's fused kernel where it can and its own XLA version elsewhere. "cudnn": that kernel or an error.
-  # Packed documents reach the fused kernel as a mask; decoding always uses "xla".
+  # Training attention. "xla": ours, explicit masks, every backend. "fused": jax.nn.dot_product_attention with
+  # cuDNN's fused kernel on a GPU at 16-bit compute, jax's XLA version elsewhere. "cudnn": that kernel or an
+  # error. Packed documents reach the fused kernel as a mask; decoding always uses "xla".
   attention: str = "xla"
   remat: str = "none"  # "none" | "full" | "save_dots" (see model.REMAT_POLICIES)
   # Run the layers under lax.scan (compile time independent of depth) or as an unrolled loop over the same
