@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from mimix_jax.metrics import read_jsonl
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
@@ -105,9 +107,9 @@ def main(argv=None) -> int:
   print("\n=== summary")
   print("\n".join(summary))
   for stage in ("pretrain", "pretrain_2048", "sft", "dpo"):
-    losses = [r["loss"] for r in _records(out / "runs" / stage / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_jsonl(out / "runs" / stage / "metrics.jsonl")]
     print(f"{stage:<14} loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} logged steps)")
-  held_out = _records(out / "runs/dpo/eval.jsonl")[-1]
+  held_out = read_jsonl(out / "runs/dpo/eval.jsonl")[-1]
   print(f"dpo held-out pairs: reward accuracy {held_out['rewards/accuracies']:.2f}, "
         f"reward margin {held_out['rewards/margins']:.2f}")
   if ppl:
@@ -117,10 +119,6 @@ def main(argv=None) -> int:
   print(f"chat reply to 'What is AI?': {reply.strip()}")
   print(f"start chatting: python -m mimix_jax.chat --checkpoint {out}/runs/dpo   (or launch/chat.sh {out}/runs/dpo)")
   return 0
-
-
-def _records(path: Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _data_name(stage: str) -> str:

@@ -38,7 +38,7 @@ class MetricsLogger:
     self.bar = self.tb = None
     if enabled:
       _truncate_after(run_dir / "metrics.jsonl", start_step)
-      self.history = [(r["step"], r["loss"]) for r in _read_jsonl(run_dir / "metrics.jsonl")]
+      self.history = [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
       from tensorboardX import SummaryWriter
       from tqdm import tqdm
       self.tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -116,7 +116,8 @@ def _py(v: Any) -> Any:
     return v
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+  """The records of a JSON-lines file (metrics.jsonl, eval.jsonl); [] if it does not exist."""
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -124,7 +125,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _truncate_after(path: Path, step: int) -> None:
   """On resume, drop records logged after the checkpoint we restart from: they will be logged again."""
-  records = [r for r in _read_jsonl(path) if r["step"] <= step]
+  records = [r for r in read_jsonl(path) if r["step"] <= step]
   if path.exists():
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

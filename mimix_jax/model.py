@@ -110,6 +110,9 @@ def _block(cfg: ModelConfig, h, p, positions, attend, kv_cache, cache_end):
 
 def _fused_implementation(cfg: ModelConfig) -> str:
   """"cudnn" or "xla" for jax.nn.dot_product_attention (its own default, None, still means XLA)."""
+  if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention=cudnn needs a GPU (this backend is {jax.default_backend()}); "
+                     "model.attention=fused uses cuDNN where it can and XLA elsewhere")
   if cfg.attention != "fused":
     return cfg.attention
   cudnn_ok = jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")  # cuDNN wants 16-bit inputs

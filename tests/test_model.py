@@ -178,6 +178,9 @@ def test_model_with_fused_attention_matches_the_xla_model_packed_or_not():
   np.testing.assert_allclose(np.asarray(theirs(tokens)), np.asarray(ours(tokens)), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="attention must be"):
     dataclasses.replace(SMALL, attention="flash")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="attention=cudnn needs a GPU"):
+      model_lib.create(dataclasses.replace(SMALL, attention="cudnn"), seed=9)(tokens)
 
 
 def test_bfloat16_compute_stays_close_to_float32():
