@@ -63,9 +63,11 @@ def mask_bias(mask: jax.Array) -> jax.Array:
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-  """Plain attention with a float32 softmax; works on every backend.
+  """Plain attention with a float32 softmax over a KV cache (prefill and decode); works on every backend.
 
   q [B, T, H, D], k/v [B, S, K, D], bias [B, T, S] (mask_bias) -> [B, T, H, D]. Query head h uses kv head h // G.
+  The einsums read the cache in its [B, S, K, D] layout: causal_attention's [B, K, S, D] operands would copy the
+  whole cache every decode step.
   """
   b, t, h, d = q.shape
   n_kv = k.shape[2]
@@ -75,6 +77,36 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> 
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, q_block: int = 0) -> jax.Array:
+  """Self-attention over the same T positions (training, a full forward pass), float32 softmax, every backend.
+
+  q [B, T, H, D], k/v [B, T, K, D], bias [B, T, T] (mask_bias) -> [B, T, H, D]; the same result as xla_attention.
+
+  q_block > 0 skips what the causal mask discards anyway: queries run in blocks of q_block (the last may be
+  shorter) and a block meets only the keys up to its last query. With n blocks that is (n + 1) / 2n of the
+  scores. Every matmul is batched over (B, K) with the G query heads of a kv head stacked as rows,
+  [B, K, G T, D] @ [B, K, D, T]: contiguous operands for XLA:CPU's dot, which ran xla_attention's 5-D einsums
+  (transposing the scores on the way) 1.4-2x slower (forward + backward of the cpu_tiny shape, alone).
+  """
+  b, t, h, d = q.shape
+  n_kv = k.shape[2]
+  g = h // n_kv
+  step = q_block if 0 < q_block < t else t
+  q = q.reshape(b, t, n_kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+  outs = []
+  for start in range(0, t, step):
+    end = min(start + step, t)  # queries [start, end) see keys [0, end)
+    n = end - start
+    scores = jnp.einsum("bkqd,bksd->bkqs", q[:, :, :, start:end].reshape(b, n_kv, g * n, d), k[:, :, :end],
+                        preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, n_kv, g, n, end) / np.sqrt(d) + bias[:, None, None, start:end, :end]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, n_kv, g * n, end)
+    outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :end]).reshape(b, n_kv, g, n, d))
+  out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str) -> jax.Array:

@@ -128,11 +128,12 @@ def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t
   if segment_ids is None:
     segment_ids = jnp.ones((b, t), jnp.int32)
   if cache is None:
-    kv_segment, mask = None, attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
-  else:
-    end = cache["end"]
-    kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-    mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+    mask = attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
+    return functools.partial(attention.causal_attention, bias=attention.mask_bias(mask),
+                             q_block=cfg.attention_q_block), None
+  end = cache["end"]
+  kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
+  mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
   return functools.partial(attention.xla_attention, bias=attention.mask_bias(mask)), kv_segment
 
 

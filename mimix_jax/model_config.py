@@ -30,6 +30,9 @@ class ModelConfig:
   # cuDNN's fused kernel on a GPU at 16-bit compute, jax's XLA version elsewhere. "cudnn": that kernel or an
   # error. Packed documents reach the fused kernel as a mask; decoding always uses "xla".
   attention: str = "xla"
+  # "xla" attention without a cache runs queries in blocks of this many and skips the keys the causal mask
+  # discards (0 = one block): less work, the same result (attention.causal_attention).
+  attention_q_block: int = 64
   remat: str = "none"  # "none" | "full" | "save_dots" (see model.REMAT_POLICIES)
   # Run the layers under lax.scan (compile time independent of depth) or as an unrolled loop over the same
   # stacked weights: on XLA:CPU the scan's per-layer weight slices and stacked activations cost ~20% of a step.

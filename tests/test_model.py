@@ -12,8 +12,10 @@ from mimix_jax import model as model_lib
 from mimix_jax import sharding
 from mimix_jax.model_config import PRESETS, ModelConfig, preset
 
+# attention_q_block 4: every test below also runs the causal block skipping, with a shorter last block where
+# the length is not a multiple of 4.
 SMALL = ModelConfig(vocab_size=101, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, max_len=64,
-                    vocab_multiple=16)
+                    vocab_multiple=16, attention_q_block=4)
 
 
 @pytest.mark.parametrize("name,expected", [("small", 31_226_368), ("base", 121_191_168),
@@ -148,6 +150,30 @@ def test_segment_isolation_document_a_never_changes_document_b():
   # Document B alone in its own row gives the same logits: packing is invisible.
   alone = np.asarray(model(tokens[:, 6:], positions[:, 6:], np.ones((1, 8), np.int32)))
   np.testing.assert_allclose(a[:, 6:, : SMALL.vocab_size], alone[..., : SMALL.vocab_size], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_block", [0, 1, 3, 5, 16])
+def test_causal_attention_blocks_give_the_xla_path_and_its_gradients(q_block):
+  rng = np.random.default_rng(10)
+  q = jnp.asarray(rng.normal(size=(2, 15, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 15, 2, 8)), jnp.float32) for _ in range(2))
+  segments = np.array([[1] * 5 + [2] * 6 + [3] * 4, [1] * 9 + [2] * 3 + [0] * 3])
+  slots = jnp.arange(15)
+  bias = attention.mask_bias(attention.attention_mask(segments, segments, slots, slots))
+  real = jnp.asarray(segments != 0)[:, :, None, None]  # padding rows attend to nothing; never used
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * real
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v) * weights)
+
+  blocked = lambda q, k, v: attention.causal_attention(q, k, v, bias, q_block=q_block)
+  plain = lambda q, k, v: attention.xla_attention(q, k, v, bias)
+  np.testing.assert_allclose(np.asarray(blocked(q, k, v) * real), np.asarray(plain(q, k, v) * real),
+                             rtol=1e-5, atol=1e-6)
+  got = jax.grad(lambda *a: loss(blocked, *a), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_attention_equals_the_xla_path_on_packed_and_unpacked_rows():
