@@ -26,16 +26,17 @@ SHAPES = {
     # The issue's CPU reference shape: 4 layers, d_model 256, vocab 8000, batch 8 x 256, float32.
     "cpu_tiny": dict(model=dict(vocab_size=8000, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, d_ff=768,
                                 scan_layers=False),
-                     batch=8, seq=256, dtype="float32", remat="none"),
+                     batch=8, seq=256, dtype="float32", remat="none", loss_chunk=32),
     "cpu_base": dict(model=dict(vocab_size=50256, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2304,
                                 scan_layers=False),
-                     batch=2, seq=256, dtype="float32", remat="none"),
+                     batch=2, seq=256, dtype="float32", remat="none", loss_chunk=32),
     "gpu_large": dict(model=dict(vocab_size=50256, n_layers=24, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),
-                      batch=16, seq=1024, dtype="bfloat16", remat="none"),
+                      batch=16, seq=1024, dtype="bfloat16", remat="none", loss_chunk=256),
 }
 
 
-def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: int, scan_layers: bool | None):
+def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: int, scan_layers: bool | None,
+               q_block: int | None = None):
   """Returns step() -> None (blocking) for our train step on all local devices."""
   import jax
   import numpy as np
@@ -45,6 +46,8 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
   cfg.model.update(**shape["model"], dtype=shape["dtype"], remat=remat, attention=attention, vocab_multiple=128)
   if scan_layers is not None:
     cfg.model.scan_layers = scan_layers
+  if q_block is not None:
+    cfg.model.attention_q_block = q_block
   cfg.update(max_len=shape["seq"], batch_size=batch, total_steps=1000, loss_chunk=loss_chunk)
   mesh = sharding.make_mesh(1, -1, 1)
   tr = trainer_lib.build(cfg, config_lib.model_config(cfg), mesh)
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours / torch")
   p.add_argument("--attention", default="xla", choices=["xla", "fused", "cudnn"])
   p.add_argument("--remat", default=None)
-  p.add_argument("--loss_chunk", type=int, default=0)
+  p.add_argument("--loss_chunk", type=int, default=None, help="positions per cross-entropy chunk (default: the shape's)")
+  p.add_argument("--attention_q_block", type=int, default=None, help="xla attention's query block (default: the model's)")
   p.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=None,
                  help="layers under lax.scan or unrolled (default: the shape's)")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
@@ -127,8 +131,9 @@ def main(argv=None) -> int:
 
   import jax
   from mimix_jax.metrics import peak_flops_per_device
-  ours, model_cfg = jax_runner(shape, batch, args.attention, args.remat or shape["remat"], args.loss_chunk,
-                                args.scan_layers)
+  loss_chunk = shape["loss_chunk"] if args.loss_chunk is None else args.loss_chunk
+  ours, model_cfg = jax_runner(shape, batch, args.attention, args.remat or shape["remat"], loss_chunk,
+                                args.scan_layers, args.attention_q_block)
   t0 = time.perf_counter()
   ours()  # compile
   compile_s = time.perf_counter() - t0
@@ -145,8 +150,8 @@ def main(argv=None) -> int:
   n_dev = jax.device_count()
   result = {
       "bench": "train_step", "shape": args.shape, "batch": batch, "seq": shape["seq"], "dtype": shape["dtype"],
-      "attention": args.attention, "remat": args.remat or shape["remat"], "loss_chunk": args.loss_chunk,
-      "scan_layers": model_cfg.scan_layers,
+      "attention": args.attention, "remat": args.remat or shape["remat"], "loss_chunk": loss_chunk,
+      "scan_layers": model_cfg.scan_layers, "attention_q_block": model_cfg.attention_q_block,
       "device": f"{n_dev} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
       "python": platform.python_version(), "compile_s": round(compile_s, 2),
       "step_s": statistics.median(ours_t), "tokens_per_sec": tokens / statistics.median(ours_t),

@@ -1,4 +1,4 @@
-"""Losses: chunked next-token cross-entropy, and DPO on summed float32 sequence log-probs.
+"""Losses: fused, chunked next-token cross-entropy, and DPO on summed float32 sequence log-probs.
 
 Every loss returns a SUM and the count it should be divided by, so that gradient accumulation and data
 parallelism divide once by the global count: the update equals one big batch, and no mean of per-device
@@ -6,6 +6,8 @@ means is taken.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,29 +18,108 @@ from mimix_jax.model import mask_padded_vocab, project
 def token_nll(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int, chunk: int = 0):
   """Per-token NLL and logsumexp in float32. h [B, T, d] final hidden states; table [V_padded, d]; targets [B, T].
 
-  chunk > 0 processes `chunk` positions at a time under jax.checkpoint, so peak memory holds one [B, chunk, V]
-  logits block instead of [B, T, V] (needed for large vocabularies on a GPU; on a CPU the recomputation costs
-  more than the memory saves, so chunk = 0 computes everything at once). Returns nll [B, T], lse [B, T].
+  For per-sequence sums (DPO) and evaluation; the train loss uses fused_token_loss. chunk > 0 processes `chunk`
+  positions at a time under jax.checkpoint, so peak memory holds one [B, chunk, V] logits block instead of
+  [B, T, V]. Returns nll [B, T], lse [B, T].
   """
-  b, t, d = h.shape
   table = table.astype(h.dtype)
 
-  def nll_of(hc, tc):
-    logits = project(hc, table.T, preferred_element_type=jnp.float32)  # [B, c, V]
-    lse = jax.nn.logsumexp(mask_padded_vocab(logits, vocab_size), axis=-1)
+  def nll_of(args):
+    hc, tc = args
+    lse = _chunk_logits(hc, table, vocab_size)[1]
     # The target's logit from its embedding row: O(B c d) and a cheap row gather in the backward pass, instead of
     # a take_along_axis over [B, c, V] whose gradient scatters into a zeroed [B, c, V] buffer.
     target_logit = jnp.einsum("bcd,bcd->bc", hc, table[tc], preferred_element_type=jnp.float32)
     return lse - target_logit, lse
 
+  chunk = _chunk_size(chunk, h.shape[1])
+  if chunk == h.shape[1]:
+    return nll_of((h, targets))
+  nll, lse = jax.lax.map(jax.checkpoint(nll_of), (_chunks(h, chunk), _chunks(targets, chunk)))
+  return _unchunk(nll), _unchunk(lse)
+
+
+def _chunk_size(chunk: int, t: int) -> int:
+  """loss_chunk -> positions per chunk: 0 (or >= T) means all T at once; otherwise it must divide T."""
   if chunk <= 0 or chunk >= t:
-    return nll_of(h, targets)
+    return t
   if t % chunk:
     raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {t}")
-  hs = h.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)  # [N, B, c, d]
-  ts = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)  # [N, B, c]
-  nll, lse = jax.lax.map(jax.checkpoint(lambda args: nll_of(*args)), (hs, ts))
-  return nll.swapaxes(0, 1).reshape(b, t), lse.swapaxes(0, 1).reshape(b, t)
+  return chunk
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """[B, T, ...] -> [T / chunk, B, chunk, ...]: chunks along the length, the (sharded) batch axis kept whole."""
+  b, t = x.shape[:2]
+  return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+  n, b, c = x.shape[:3]
+  return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _chunk_logits(hc: jax.Array, table: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+  """hc [B, c, d], table [V, d] (compute dtype) -> float32 logits [B, c, V] (padding -inf) and lse [B, c]."""
+  logits = mask_padded_vocab(project(hc, table.T, preferred_element_type=jnp.float32), vocab_size)
+  return logits, jax.nn.logsumexp(logits, axis=-1)
+
+
+def _weighted_sums(h, rows, lse, weights, z_loss):
+  """(sum w (nll + z lse^2), sum w nll) from lse [B, T] and the targets' embedding rows [B, T, d]."""
+  target_logit = jnp.einsum("btd,btd->bt", h, rows, preferred_element_type=jnp.float32)
+  nll_sum = jnp.sum(weights * (lse - target_logit))
+  return nll_sum + z_loss * jnp.sum(weights * lse * lse), nll_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def fused_token_loss(h, table, targets, weights, vocab_size: int, z_loss: float, chunk: int):
+  """Weighted next-token loss on the final hidden states, with the gradients computed in the forward pass.
+
+  h [B, T, d] (compute dtype), table [V_padded, d] float32 (the tied embedding), targets [B, T] int,
+  weights [B, T] float32 (the loss mask). Returns (sum w (nll + z_loss lse^2), sum w nll), float32.
+
+  The loss is the last thing a train step computes, so d loss / d logits = w ((1 + 2 z lse) softmax - onehot) is
+  known as soon as a chunk's logits are: each chunk of `chunk` positions (0 = all) turns its [B, chunk, V] logits
+  into its share of dh and d table and drops them. No logits are kept for the backward pass and none are
+  recomputed (jax.checkpoint chunking runs the [V, d] matmul four times, this three). The one-hot part of the
+  gradient is a gather / scatter of embedding rows, so no [B, T, V] one-hot exists either. Only the first output
+  is differentiable; the second is a metric.
+  """
+  chunk = _chunk_size(chunk, h.shape[1])
+  tbl = table.astype(h.dtype)
+  lse = _unchunk(jax.lax.map(lambda hc: _chunk_logits(hc, tbl, vocab_size)[1], _chunks(h, chunk)))
+  return _weighted_sums(h, tbl[targets], lse, weights, z_loss)
+
+
+def _fused_fwd(h, table, targets, weights, vocab_size, z_loss, chunk):
+  chunk = _chunk_size(chunk, h.shape[1])
+  tbl = table.astype(h.dtype)
+
+  def one_chunk(d_table, xs):
+    hc, wc = xs
+    logits, lse = _chunk_logits(hc, tbl, vocab_size)
+    # The softmax part of d loss / d logits; the one-hot part is added below from embedding rows.
+    g = (jnp.exp(logits - lse[..., None]) * (wc * (1 + 2 * z_loss * lse))[..., None]).astype(h.dtype)
+    g2, h2 = g.reshape(-1, g.shape[-1]), hc.reshape(-1, hc.shape[-1])  # 2-D: XLA:CPU runs 3-D einsums slower
+    d_table += jnp.dot(g2.T, h2, preferred_element_type=jnp.float32)
+    return d_table, (project(g, tbl), lse)
+
+  d_table, (dh, lse) = jax.lax.scan(one_chunk, jnp.zeros(table.shape, jnp.float32),
+                                    (_chunks(h, chunk), _chunks(weights, chunk)))
+  rows = tbl[targets]  # [B, T, d]
+  dh = _unchunk(dh) - (weights[..., None] * rows).astype(h.dtype)
+  d_table = d_table.at[targets.reshape(-1)].add(-(weights[..., None] * h).reshape(-1, h.shape[-1]))
+  return _weighted_sums(h, rows, _unchunk(lse), weights, z_loss), (dh, d_table.astype(table.dtype))
+
+
+def _fused_bwd(vocab_size, z_loss, chunk, residuals, cotangents):
+  dh, d_table = residuals
+  ct = cotangents[0]  # the nll metric carries no gradient
+  return (ct * dh).astype(dh.dtype), ct * d_table, None, None
+
+
+fused_token_loss.defvjp(_fused_fwd, _fused_bwd)
 
 
 def lm_loss(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
@@ -47,11 +128,9 @@ def lm_loss(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
   Returns (sum of weighted NLL (+ z-loss), token count, metric sums).
   """
   h, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-  nll, lse = token_nll(h, model.embed[...], batch["targets"], model.cfg.vocab_size, chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
-  nll_sum = jnp.sum(nll * mask)
-  total = nll_sum + z_loss * jnp.sum(jnp.square(lse) * mask)
-  return total, jnp.sum(mask), {"nll": nll_sum}
+  total, nll_sum = fused_token_loss(h, model.embed[...], batch["targets"], mask, model.cfg.vocab_size, z_loss, chunk)
+  return total, jnp.sum(mask), {"nll": jax.lax.stop_gradient(nll_sum)}
 
 
 def sequence_logps(model, batch: dict, chunk: int = 0) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,8 @@ from mimix_jax import checkpoint, config as config_lib, losses, sharding, traine
 from mimix_jax import model as model_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = dict(vocab_size=260, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=32, vocab_multiple=8)
+MODEL = dict(vocab_size=260, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=32, vocab_multiple=8,
+             attention_q_block=8)
 
 
 def text_batch(batch: int, length: int, offset: int = 0, packed: bool = True) -> dict[str, np.ndarray]:
@@ -77,9 +78,9 @@ def test_same_losses_and_params_on_one_device_and_a_2x2x2_mesh():
   if jax.device_count() < 8:
     pytest.skip("needs 8 virtual devices")
   batches = [text_batch(8, 32, offset=i * 400) for i in range(5)]
-  cfg = make_cfg()
-  l1, p1, _ = run_steps(cfg, one_device_mesh(), batches)
-  l8, p8, _ = run_steps(cfg, sharding.make_mesh(2, 2, 2), batches)
+  # The loss in 4 chunks on the mesh, at once on one device.
+  l1, p1, _ = run_steps(make_cfg(), one_device_mesh(), batches)
+  l8, p8, _ = run_steps(make_cfg(loss_chunk=8), sharding.make_mesh(2, 2, 2), batches)
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p1, p8)
 
