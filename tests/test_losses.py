@@ -1,11 +1,13 @@
 """The fused cross-entropy against the plain formula: full float32 logits, log-softmax, autodiff."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimix_jax import losses
+from mimix_jax import losses, sharding
 
 B, T, D, VOCAB, PADDED = 3, 16, 8, 37, 40  # 3 padded vocabulary rows that must never be predicted
 
@@ -18,12 +20,12 @@ def plain_loss(h, table, targets, weights, z_loss):
   return jnp.sum(weights * nll) + z_loss * jnp.sum(weights * lse ** 2), jnp.sum(weights * nll)
 
 
-def inputs(seed=0):
+def inputs(seed=0, batch=B):
   rng = np.random.default_rng(seed)
-  h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(batch, T, D)), jnp.float32)
   table = jnp.asarray(rng.normal(size=(PADDED, D)), jnp.float32)
-  targets = jnp.asarray(rng.integers(0, VOCAB, (B, T)), jnp.int32)
-  weights = jnp.asarray(rng.integers(0, 2, (B, T)), jnp.float32)  # a loss mask with holes
+  targets = jnp.asarray(rng.integers(0, VOCAB, (batch, T)), jnp.int32)
+  weights = jnp.asarray(rng.integers(0, 2, (batch, T)), jnp.float32)  # a loss mask with holes
   return h, table, targets, weights
 
 
@@ -69,3 +71,25 @@ def test_token_nll_and_fused_loss_agree_and_a_bad_chunk_is_refused():
   np.testing.assert_allclose(float(jnp.sum(nll * weights)), float(total), rtol=1e-6)
   with pytest.raises(ValueError, match="loss_chunk 5 does not divide the sequence length 16"):
     losses.fused_token_loss(h, table, targets, weights, VOCAB, 0.0, 5)
+
+
+def test_on_a_mesh_the_chunk_loop_sums_locally_and_reduces_once():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 virtual devices")
+  args = inputs(4, batch=4)  # rows divisible by data x fsdp
+  grad = jax.jit(jax.grad(lambda h, table, targets, weights: losses.fused_token_loss(
+      h, table, targets, weights, VOCAB, 1e-2, 4)[0], argnums=(0, 1)))
+  expected = grad(*args)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  with sharding.activate(mesh):
+    args = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in args]  # the table too: FSDP-like
+    got = grad(*args)
+    hlo = grad.lower(*args).compile().as_text()
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+  assert bodies  # the chunk loop
+  for body in bodies:
+    text = hlo[hlo.index(f"%{body} "):]
+    text = text[: text.index("\n}\n")]
+    assert "all-reduce" not in text, f"a collective runs in every chunk ({body})"
