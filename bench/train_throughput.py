@@ -1,18 +1,20 @@
 """Train-step throughput: our jitted step vs transformers' LlamaForCausalLM (PyTorch), side by side in one run.
 
-    python bench/train_throughput.py [--shape cpu_tiny|cpu_base|gpu_large] [--steps N] [--json FILE] [--torch]
+    python bench/train_throughput.py [--shape cpu_tiny|cpu_base|gpu_large|cpu_smoke] [--steps N] [--json FILE] [--torch]
 
 Both sides do the same work per step: forward, backward and AdamW on the same architecture (tied embeddings,
 GQA, RoPE 500000, RMSNorm 1e-5, gated SiLU), batch, sequence length and dtype. Tokens/s counts the tokens of a
 global step; MFU uses ModelConfig.flops_per_token (PaLM convention, causal attention not halved) over the dense
-bf16 peak of the device (none on a CPU). The two runs alternate (ours, torch, ours, torch...) so that load from
-other processes hits both alike, and the ratio compares medians.
+bf16 peak of the device (none on a CPU). Each side runs in its own process (XLA's and PyTorch's thread pools
+starve each other in one) and the two alternate, `--steps` steps at a time (ours, torch, ours, torch...), so that
+load from other processes hits both alike; the ratio compares medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -29,7 +31,11 @@ SHAPES = {
                      batch=8, seq=256, dtype="float32", remat="none", loss_chunk=32),
     "cpu_base": dict(model=dict(vocab_size=50256, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2304,
                                 scan_layers=False),
-                     batch=2, seq=256, dtype="float32", remat="none", loss_chunk=32),
+                     batch=2, seq=256, dtype="float32", remat="none", loss_chunk=128),
+    # For the test suite's smoke run only.
+    "cpu_smoke": dict(model=dict(vocab_size=500, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                 scan_layers=False, attention_q_block=16),
+                      batch=2, seq=64, dtype="float32", remat="none", loss_chunk=16),
     "gpu_large": dict(model=dict(vocab_size=50256, n_layers=24, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),
                       batch=16, seq=1024, dtype="bfloat16", remat="none", loss_chunk=256),
 }
@@ -37,7 +43,7 @@ SHAPES = {
 
 def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: int, scan_layers: bool | None,
                q_block: int | None = None):
-  """Returns step() -> None (blocking) for our train step on all local devices."""
+  """Returns step() -> None (blocking) for our train step on all local devices, and the ModelConfig."""
   import jax
   import numpy as np
   from mimix_jax import config as config_lib, sharding, trainer as trainer_lib
@@ -106,6 +112,43 @@ def timed(step, n: int) -> list[float]:
   return times
 
 
+def serve(conn, side: str, shape_name: str, batch: int, opts: dict) -> None:
+  """A worker process: builds one side's step, warms it up, then times n steps per request (0 ends it).
+
+  Sends a dict of facts about the side first, the step times per request, and its peak device memory last.
+  """
+  shape = SHAPES[shape_name]
+  if side == "torch":
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    step = torch_runner(shape, batch)
+    step()  # warm-up
+    conn.send({"torch": torch.__version__, "transformers": transformers.__version__})
+  else:
+    import jax
+    from mimix_jax.metrics import peak_flops_per_device
+    step, model_cfg = jax_runner(shape, batch, **opts)
+    t0 = time.perf_counter()
+    step()  # compile
+    conn.send({"scan_layers": model_cfg.scan_layers, "attention_q_block": model_cfg.attention_q_block,
+               "n_dev": jax.device_count(), "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+               "jax": jax.__version__, "compile_s": round(time.perf_counter() - t0, 2),
+               "flops_per_token": model_cfg.flops_per_token(shape["seq"]), "peak_flops": peak_flops_per_device()})
+  while n := conn.recv():
+    conn.send(timed(step, n))
+  stats = (jax.devices()[0].memory_stats() or {}) if side == "jax" else {}  # None on CPU
+  conn.send(stats.get("peak_bytes_in_use"))
+
+
+def start(side: str, *args):
+  """(process, connection) of a fresh worker once it has compiled / warmed up, and the facts it sent."""
+  parent, child = multiprocessing.get_context("spawn").Pipe()
+  proc = multiprocessing.get_context("spawn").Process(target=serve, args=(child, side, *args), daemon=True)
+  proc.start()
+  return proc, parent, parent.recv()
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shape", default="cpu_tiny", choices=sorted(SHAPES))
@@ -125,50 +168,44 @@ def main(argv=None) -> int:
   shape = SHAPES[args.shape]
   batch = args.batch or shape["batch"]
   with_torch = args.shape.startswith("cpu") if args.torch is None else args.torch
-  if with_torch:
-    import torch
-    torch.set_num_threads(os.cpu_count())
-
-  import jax
-  from mimix_jax.metrics import peak_flops_per_device
   loss_chunk = shape["loss_chunk"] if args.loss_chunk is None else args.loss_chunk
-  ours, model_cfg = jax_runner(shape, batch, args.attention, args.remat or shape["remat"], loss_chunk,
-                                args.scan_layers, args.attention_q_block)
-  t0 = time.perf_counter()
-  ours()  # compile
-  compile_s = time.perf_counter() - t0
-  theirs = torch_runner(shape, batch) if with_torch else None
-  if theirs:
-    theirs()  # warm-up
-  ours_t, theirs_t = [], []
-  for _ in range(args.rounds):
-    ours_t += timed(ours, args.steps)
-    if theirs:
-      theirs_t += timed(theirs, args.steps)
+  remat = args.remat or shape["remat"]
+  opts = dict(attention=args.attention, remat=remat, loss_chunk=loss_chunk, scan_layers=args.scan_layers,
+              q_block=args.attention_q_block)
 
+  # One at a time, so that neither compiles while the other warms up.
+  sides = {"jax": start("jax", args.shape, batch, opts)}
+  if with_torch:
+    sides["torch"] = start("torch", args.shape, batch, opts)
+  times = {side: [] for side in sides}
+  for _ in range(args.rounds):
+    for side, (_, conn, _) in sides.items():
+      conn.send(args.steps)
+      times[side] += conn.recv()
+  for proc, conn, _ in sides.values():
+    conn.send(0)
+  peak_bytes = sides["jax"][1].recv()
+  for proc, *_ in sides.values():
+    proc.join()
+
+  info = sides["jax"][2]
   tokens = batch * shape["seq"]
-  n_dev = jax.device_count()
+  step_s = statistics.median(times["jax"])
   result = {
       "bench": "train_step", "shape": args.shape, "batch": batch, "seq": shape["seq"], "dtype": shape["dtype"],
-      "attention": args.attention, "remat": args.remat or shape["remat"], "loss_chunk": loss_chunk,
-      "scan_layers": model_cfg.scan_layers, "attention_q_block": model_cfg.attention_q_block,
-      "device": f"{n_dev} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
-      "python": platform.python_version(), "compile_s": round(compile_s, 2),
-      "step_s": statistics.median(ours_t), "tokens_per_sec": tokens / statistics.median(ours_t),
+      "attention": args.attention, "remat": remat, "loss_chunk": loss_chunk, "scan_layers": info["scan_layers"],
+      "attention_q_block": info["attention_q_block"], "device": info["device"], "jax": info["jax"],
+      "python": platform.python_version(), "compile_s": info["compile_s"],
+      "step_s": step_s, "tokens_per_sec": tokens / step_s, "tokens_per_sec_per_device": tokens / step_s / info["n_dev"],
   }
-  result["tokens_per_sec_per_device"] = result["tokens_per_sec"] / n_dev
-  peak = peak_flops_per_device()
-  if peak:
-    result["mfu"] = model_cfg.flops_per_token(shape["seq"]) * result["tokens_per_sec"] / (peak * n_dev)
-  if theirs_t:
-    import torch
-    import transformers
-    result.update(torch_step_s=statistics.median(theirs_t), torch_tokens_per_sec=tokens / statistics.median(theirs_t),
-                  torch=torch.__version__, transformers=transformers.__version__)
+  if info["peak_flops"]:
+    result["mfu"] = info["flops_per_token"] * result["tokens_per_sec"] / (info["peak_flops"] * info["n_dev"])
+  if with_torch:
+    torch_s = statistics.median(times["torch"])
+    result.update(torch_step_s=torch_s, torch_tokens_per_sec=tokens / torch_s, **sides["torch"][2])
     result["speedup_vs_torch"] = result["tokens_per_sec"] / result["torch_tokens_per_sec"]
-  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
-  if "peak_bytes_in_use" in stats:
-    result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+  if peak_bytes:
+    result["peak_memory_gib"] = peak_bytes / 2**30
   print(json.dumps(result), flush=True)
   if args.json:
     with open(args.json, "a") as f:

@@ -1,0 +1,32 @@
+"""The benchmarks end to end at toy size, in subprocesses as they are run (timings are never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def test_train_step_bench_runs_both_sides_and_writes_one_json_line(tmp_path):
+  results = tmp_path / "train.jsonl"
+  proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--shape", "cpu_smoke", "--steps", "2",
+                         "--rounds", "2", "--json", str(results)], capture_output=True, text=True, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+  assert row["shape"] == "cpu_smoke" and row["loss_chunk"] == 16 and row["attention_q_block"] == 16
+  assert row["tokens_per_sec"] > 0 and row["torch_tokens_per_sec"] > 0
+  assert row["speedup_vs_torch"] == row["tokens_per_sec"] / row["torch_tokens_per_sec"]
+  assert row["device"] == "1 x cpu" and "mfu" not in row  # no peak FLOP/s is claimed for a CPU
+
+
+def test_decode_bench_prints_a_row_per_model_and_batch():
+  proc = subprocess.run([sys.executable, str(BENCH / "bench_decode.py"), "--presets", "tiny", "--batches", "1", "2",
+                         "--new_tokens", "4", "--repeats", "1", "--hf_threads", "1"],
+                        capture_output=True, text=True, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
+  assert [r[1].strip() for r in rows] == ["1", "2"]
+  assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # decode tokens/s, ours and HF
