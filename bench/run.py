@@ -29,7 +29,7 @@ def main(argv=None) -> int:
   py = [sys.executable]
   runs = [
       py + [str(BENCH / "train_throughput.py"), "--shape", "cpu_tiny", "--json", args.json],
-      py + [str(BENCH / "train_throughput.py"), "--shape", "cpu_base", "--steps", "2", "--json", args.json],
+      py + [str(BENCH / "train_throughput.py"), "--shape", "cpu_base", "--steps", "4", "--rounds", "2", "--json", args.json],
       py + [str(BENCH / "bench_decode.py")],
       py + [str(BENCH / "bench_data.py"), "--json", args.json],
   ]
