@@ -1,6 +1,9 @@
 # Two commands matter: `make demo` (the whole pipeline on the shipped data) and `make test`.
 # Both bootstrap .venv from the pinned lock file; nothing needs to be installed by hand.
 PYTHON ?= python3.11
+# glibc's malloc on transparent huge pages: XLA:CPU allocates each step's temporaries anew, and faulting them in
+# page by page cost a CPU train step 10-15% (BENCHMARKS.md). Older glibc ignores the setting.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
