@@ -101,8 +101,11 @@ def main(argv=None) -> int:
   if not (out / "export" / "export.json").exists():  # written last, once the export is verified
     sh(py + ["mimix_jax.export", "--checkpoint", str(out / "runs/dpo"), "--output", str(out / "export")],
        summary, "export")
+  # A 2.4M-parameter model's greedy reply can be one whitespace piece repeated; the reference's repetition
+  # penalty keeps it to words.
   reply = sh(py + ["mimix_jax.generate", "--checkpoint", str(out / "runs/dpo"), "--chat", "--greedy",
-                   "--max_new_tokens", "40", "--prompt", "What is AI?"], summary, "chat reply")
+                   "--repetition_penalty", "1.2", "--max_new_tokens", "40", "--prompt", "What is AI?"],
+             summary, "chat reply")
 
   print("\n=== summary")
   print("\n".join(summary))
