@@ -182,9 +182,9 @@ def main(argv=None) -> int:
     for side, (_, conn, _) in sides.items():
       conn.send(args.steps)
       times[side] += conn.recv()
-  for proc, conn, _ in sides.values():
+  for _, conn, _ in sides.values():
     conn.send(0)
-  peak_bytes = sides["jax"][1].recv()
+  peak_bytes = {side: conn.recv() for side, (_, conn, _) in sides.items()}["jax"]  # None on a CPU
   for proc, *_ in sides.values():
     proc.join()
 
