@@ -3,7 +3,8 @@
 #   bash bench/fetch_gpu_wheels.sh            # here, once: Python 3.12 wheels the GPU image lacks -> .whl/
 #   device run: carry [".whl"], command "bash bench/gpu.sh", timeout_s 560
 # Prints versions and the device, then the gpt_large train step at seq 1024 (largest batch that fits, fused
-# attention on and off, two remat policies: tokens/s, MFU, peak memory) and decode speed of the large model.
+# attention on and off, two remat policies: tokens/s, MFU, peak memory), decode speed of the large model and the
+# stall of an asynchronous checkpoint.
 # Results: JSON lines in $OUT/gpu.jsonl (or bench/results/gpu.jsonl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +28,5 @@ for remat in save_dots full; do
   done
 done
 timeout 120 python3 bench/bench_decode.py --presets large --batches 1 8 --repeats 3 || echo "decode bench failed"
+# Last, so that it only spends what is left: an async save of the 4 GiB train state next to a blocking one.
+timeout 100 python3 bench/bench_checkpoint.py --shape gpu_large --saves 1 --window 2 --json "$RESULTS" || echo "checkpoint bench failed"

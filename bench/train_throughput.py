@@ -43,7 +43,7 @@ SHAPES = {
 
 def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: int, scan_layers: bool | None,
                q_block: int | None = None):
-  """Returns step() -> None (blocking) for our train step on all local devices, and the ModelConfig."""
+  """Returns step() -> the new train state (blocking) for our train step on all local devices, and the ModelConfig."""
   import jax
   import numpy as np
   from mimix_jax import config as config_lib, sharding, trainer as trainer_lib
@@ -75,6 +75,7 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
     with sharding.activate(mesh):
       holder["state"], metrics = step_fn(holder["state"], device_batch, None)
     jax.block_until_ready(metrics["loss"])
+    return holder["state"]
 
   return step, tr.model_cfg
 

@@ -30,3 +30,14 @@ def test_decode_bench_prints_a_row_per_model_and_batch():
   rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| tiny")]
   assert [r[1].strip() for r in rows] == ["2"]
   assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # decode tokens/s, ours and HF
+
+
+def test_checkpoint_bench_saves_both_ways_and_writes_one_json_line(tmp_path):
+  results = tmp_path / "checkpoint.jsonl"
+  proc = subprocess.run([sys.executable, str(BENCH / "bench_checkpoint.py"), "--shape", "cpu_smoke", "--saves", "1",
+                         "--window", "1", "--json", str(results)], capture_output=True, text=True, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+  assert row["bench"] == "checkpoint" and row["window_steps"] == 1 and row["state_gib"] > 0
+  # A blocking save returns only once the write is done; both calls took real time.
+  assert row["sync_save_call_s"] > 0 and row["async_save_call_s"] > 0 and row["async_pending_after_window_s"] >= 0
