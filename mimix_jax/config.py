@@ -37,7 +37,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.train_path = ""
   c.data.eval_path = ""
   c.data.worker_count = 0  # grain worker processes (0 = in the main process)
-  c.data.prefetch = 2  # batches prefetched to the devices
+  c.data.prefetch = 2  # batches sent to the devices ahead of the step that trains on them (0 = none ahead)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-3
@@ -131,4 +131,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.stage must be pretrain, sft or dpo, got {cfg.stage!r}")
   if cfg.batch_size % cfg.grad_accum_steps:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
+  if cfg.data.prefetch < 0:
+    raise ValueError(f"data.prefetch must be >= 0, got {cfg.data.prefetch}")
   model_config(cfg)  # raises on inconsistent model dims

@@ -26,6 +26,7 @@ import ml_collections
 
 from mimix_jax import checkpoint, config as config_lib, data as data_lib, distributed, dpo_reference, sharding
 from mimix_jax import trainer as trainer_lib
+from mimix_jax.data.pipeline import prefetch_to_device
 from mimix_jax.metrics import MetricsLogger
 
 
@@ -100,21 +101,23 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int
   stop = _StopFlag()
 
   last_saved = start
+  data_state = json.dumps(iterator.get_state()).encode()  # after the last batch trained on
 
   def save(step, force=False):
     nonlocal last_saved
-    ckpt.save(step, state, json.dumps(iterator.get_state()).encode(), {"nonfinite_run": nonfinite_run}, force=force)
+    ckpt.save(step, state, data_state, {"nonfinite_run": nonfinite_run}, force=force)
     last_saved = step
     logger.plot()
 
+  def put(local):
+    extra = None if reference is None else trainer.device_batch({"r": reference.lookup(local)})["r"]
+    return trainer.device_batch(local), extra
+
+  batches = prefetch_to_device(iterator, put, cfg.data.prefetch)
   step, exit_code = start, 0
   with sharding.activate(mesh):
     while step < cfg.total_steps:
-      local = next(iterator)
-      extra = None if reference is None else reference.lookup(local)
-      batch = trainer.device_batch(local)
-      if extra is not None:
-        extra = trainer.device_batch({"r": extra})["r"]
+      (batch, extra), data_state = next(batches)
       state, metrics = step_fn(state, batch, extra)
       step += 1
       if step % cfg.log_every == 0 or step == cfg.total_steps or stop.requested:

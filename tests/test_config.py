@@ -50,6 +50,8 @@ def test_overrides_apply_with_types_and_typos_fail_clearly():
     config_lib.load("configs/tiny.py:sft", ["--config.optimizer.decay_norms_and_embeddings=maybe"])
   with pytest.raises(ValueError, match="unknown stage"):
     config_lib.load("configs/tiny.py:pretrain_4096")
+  with pytest.raises(ValueError, match="data.prefetch must be >= 0"):
+    config_lib.validate(config_lib.load("configs/tiny.py:pretrain", ["--config.data.prefetch=-1"]))
 
 
 def test_train_command_rejects_a_misspelt_field():

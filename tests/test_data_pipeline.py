@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import grain
+import jax
 import numpy as np
 import pytest
 from etils import epath
 
 from mimix_jax.data import make_iterator, read_manifest
+from mimix_jax.data.pipeline import prefetch_to_device
 from mimix_jax.data.shards import ShardSource
 
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "index")
@@ -126,6 +128,21 @@ def test_resume_from_saved_state_yields_identical_batches(pretrain_shards):
   resumed = make_iterator(str(pretrain_shards), **kwargs)
   resumed.set_state(state)
   assert_same_batches(take(resumed, 5), expected)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetch_to_device_hands_each_batch_with_the_state_after_it(pretrain_shards, depth):
+  kwargs = dict(stage="pretrain", global_batch_size=8, seed=6)
+  expected = take(make_iterator(str(pretrain_shards), **kwargs), 6)
+  put = lambda batch: jax.device_put(batch)  # noqa: E731
+  batches = prefetch_to_device(make_iterator(str(pretrain_shards), **kwargs), put, depth)
+  got = [next(batches) for _ in range(5)]
+  assert_same_batches([jax.device_get(b) for b, _ in got], expected[:5])
+  # The state handed with batch k resumes a fresh iterator at batch k + 1, however far the prefetch ran ahead.
+  for k, (_, state) in enumerate(got):
+    resumed = make_iterator(str(pretrain_shards), **kwargs)
+    resumed.set_state(json.loads(state))
+    assert_same_batches([next(resumed)], [expected[k + 1]])
 
 
 def test_grain_orbax_checkpoint_handler_round_trips_the_iterator(pretrain_shards, tmp_path):

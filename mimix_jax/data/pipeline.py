@@ -13,13 +13,19 @@ contents do not depend on `worker_count`, and the iterator state is just the nex
 
 from __future__ import annotations
 
+import collections
+import json
 import sys
+from typing import Callable, Iterator, TypeVar
+
 import grain
 import numpy as np
 
 from mimix_jax.data.shards import ShardSource, read_manifest
 
-__all__ = ["make_iterator", "read_manifest", "finalize"]
+__all__ = ["make_iterator", "read_manifest", "finalize", "prefetch_to_device"]
+
+T = TypeVar("T")
 
 
 def finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -124,6 +130,22 @@ def make_iterator(
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it_ds)
+
+
+def prefetch_to_device(iterator: grain.DatasetIterator, put: Callable[[dict], T], depth: int) -> Iterator[tuple[T, bytes]]:
+  """Yields (put(batch), the iterator's state after that batch as JSON bytes), `depth` batches put ahead.
+
+  `put` starts the host-to-device transfer (asynchronous in JAX), so the next batches travel while the current
+  step runs, and a host stall (a metrics fetch, a checkpoint) does not leave the devices waiting for data. Each
+  batch carries the state after it: a checkpoint records the position after the last batch trained on, not
+  after the last one prefetched, so a resumed run fetches the prefetched batches again.
+  """
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append((put(batch), json.dumps(iterator.get_state()).encode()))
+    if len(queue) > depth:
+      yield queue.popleft()
+  yield from queue
 
 
 def _ensure_absl_flags_parsed() -> None:
