@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 from typing import Any, Sequence
 
 import ml_collections
@@ -119,10 +118,6 @@ def _parse_like(old: Any, value: str, key: str) -> Any:
   if isinstance(old, float):
     return float(value)
   return value
-
-
-def to_json(cfg: ml_collections.ConfigDict) -> str:
-  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,6 @@ Parameter counts are exact at the default vocabulary (`param_count` is tested ag
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 
@@ -87,9 +86,6 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config fields: {sorted(unknown)}")
     return cls(**d)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,7 +24,6 @@ from mimix_jax import model as model_lib
 from mimix_jax.model_config import ModelConfig
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass

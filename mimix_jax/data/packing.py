@@ -32,7 +32,6 @@ class DocumentPacker:
     self._row = 0  # row being filled, within the block
     self._fill = 0  # tokens in that row
     self._nseg = 0  # segments in that row
-    self.overlap_tokens = 0  # tokens stored twice (first token of a continuation row)
 
   def add(self, tokens: np.ndarray, continues_doc: bool, ends_doc: bool) -> None:
     """Appends one document, or one part of it (`continues_doc`: the previous part's document goes on)."""
@@ -56,7 +55,6 @@ class DocumentPacker:
           self._tok[self._row, 0] = last
           self._seg[self._row, 0] = 1
           self._fill, self._nseg = 1, 1
-          self.overlap_tokens += 1
 
   def _next_row(self) -> None:
     self._row += 1
