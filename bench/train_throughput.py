@@ -61,10 +61,9 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
   b, t = batch, shape["seq"]
   local = {"inputs": rng.integers(0, shape["model"]["vocab_size"], (b, t), dtype=np.int32),
            "targets": rng.integers(0, shape["model"]["vocab_size"], (b, t), dtype=np.int32),
-           "loss_mask": np.ones((b, t), np.float32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-  # Rows of one document each: without segment ids the fused kernel runs its mask-free causal case.
-  if attention == "xla":
-    local["segment_ids"] = np.ones((b, t), np.int32)
+           "loss_mask": np.ones((b, t), np.float32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+           # As in training, where rows pack documents: the fused kernel gets a mask, not its mask-free causal case.
+           "segment_ids": np.ones((b, t), np.int32)}
   with sharding.activate(mesh):
     state = tr.init_state(0)
     step_fn = tr.train_step()
@@ -147,6 +146,7 @@ def start(side: str, *args):
   parent, child = multiprocessing.get_context("spawn").Pipe()
   proc = multiprocessing.get_context("spawn").Process(target=serve, args=(child, side, *args), daemon=True)
   proc.start()
+  child.close()  # so that recv raises EOFError if the worker dies (an OOM, say) instead of waiting forever
   return proc, parent, parent.recv()
 
 

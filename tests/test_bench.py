@@ -41,3 +41,19 @@ def test_checkpoint_bench_saves_both_ways_and_writes_one_json_line(tmp_path):
   assert row["bench"] == "checkpoint" and row["window_steps"] == 1 and row["state_gib"] > 0
   # A blocking save returns only once the write is done; both calls took real time.
   assert row["sync_save_call_s"] > 0 and row["async_save_call_s"] > 0 and row["async_pending_after_window_s"] >= 0
+
+
+def test_gpu_script_rehearses_at_toy_size_on_a_cpu(tmp_path):
+  """bench/gpu.sh end to end at toy size, so that a lent GPU's few minutes are not spent finding a broken flag."""
+  env = {**ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(tmp_path),
+         "GPU_BENCH_SHAPE": "cpu_smoke", "GPU_BENCH_BATCHES": "4 2", "GPU_BENCH_PRESET": "tiny"}
+  proc = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+  # cuDNN's kernel does not exist on a CPU: each batch of it fails (at once, not at the timeout) and the script
+  # goes on; the XLA runs stop at the first batch that works.
+  assert [(r["attention"], r["remat"], r["batch"]) for r in rows if r["bench"] == "train_step"] == [
+      ("xla", "save_dots", 4), ("xla", "full", 4)]
+  assert "batch 2 failed (cudnn, full)" in proc.stdout
+  assert "| tiny | 8 |" in proc.stdout  # the decode table
+  assert [r["shape"] for r in rows if r["bench"] == "checkpoint"] == ["cpu_smoke"]
