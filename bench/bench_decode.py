@@ -4,7 +4,8 @@
 
 Both models are randomly initialised with the preset's architecture (HF: LlamaConfig with tied embeddings,
 rope_theta 500000, rms_norm_eps 1e-5, no biases), float32, greedy, and forced to generate exactly
-`new_tokens` tokens (no stop ids / eos). Every prompt has prompt_len tokens, so neither side pads.
+`new_tokens` tokens (no stop ids / eos). Every prompt has prompt_len tokens, so neither side pads. Where there
+is a GPU, both run on it.
 
   ttft    time to first token: prefill of the prompt plus the first token, on the host (median)
   decode  tokens/s over the remaining new_tokens - 1 steps, all rows counted: B * (N - 1) / (t_N - t_1)
@@ -60,19 +61,21 @@ def hf_config(cfg: ModelConfig):
 
 
 def hf_runner(cfg: ModelConfig, prompts: np.ndarray, threads: int):
-  """run(n): LlamaForCausalLM.generate (greedy, KV cache) for exactly n new tokens, on `threads` threads."""
+  """run(n): LlamaForCausalLM.generate (greedy, KV cache) for exactly n new tokens, the tokens fetched to the
+  host; on the GPU where there is one (as JAX is), else on `threads` CPU threads."""
   import torch
   from transformers import LlamaForCausalLM
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  model = LlamaForCausalLM(hf_config(cfg)).eval()
-  ids = torch.as_tensor(prompts, dtype=torch.long)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = LlamaForCausalLM(hf_config(cfg)).eval().to(device)
+  ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
   mask = torch.ones_like(ids)
 
   def run(n: int):
     with torch.inference_mode():
       out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                           min_new_tokens=n, use_cache=True)
+                           min_new_tokens=n, use_cache=True).cpu()
     assert out.shape[1] == prompts.shape[1] + n
 
   return run
@@ -115,7 +118,9 @@ def main(argv=None) -> None:
   import jax
   import torch
   import transformers
-  print(f"# {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
+  gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+  # No jax.devices() here: it would take the GPU's memory from the measuring processes.
+  print(f"# {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, {gpu}), jax {jax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens, greedy, float32, median of {args.repeats}; HF: the faster of "
         f"{' and '.join(map(str, args.hf_threads))} torch threads\n")

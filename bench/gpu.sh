@@ -30,6 +30,6 @@ for remat in save_dots full; do
     done
   done
 done
-timeout 120 python3 bench/bench_decode.py --presets "$PRESET" --batches 1 8 --repeats 3 || echo "decode bench failed"
+timeout 150 python3 bench/bench_decode.py --presets "$PRESET" --batches 1 8 --repeats 3 --hf_threads 1 || echo "decode bench failed"
 # Last, so that it only spends what is left: an async save of the 4 GiB train state next to a blocking one.
 timeout 100 python3 bench/bench_checkpoint.py --shape "$SHAPE" --saves 1 --window 2 --json "$RESULTS" || echo "checkpoint bench failed"
