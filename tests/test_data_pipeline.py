@@ -134,8 +134,7 @@ def test_resume_from_saved_state_yields_identical_batches(pretrain_shards):
 def test_prefetch_to_device_hands_each_batch_with_the_state_after_it(pretrain_shards, depth):
   kwargs = dict(stage="pretrain", global_batch_size=8, seed=6)
   expected = take(make_iterator(str(pretrain_shards), **kwargs), 6)
-  put = lambda batch: jax.device_put(batch)  # noqa: E731
-  batches = prefetch_to_device(make_iterator(str(pretrain_shards), **kwargs), put, depth)
+  batches = prefetch_to_device(make_iterator(str(pretrain_shards), **kwargs), jax.device_put, depth)
   got = [next(batches) for _ in range(5)]
   assert_same_batches([jax.device_get(b) for b, _ in got], expected[:5])
   # The state handed with batch k resumes a fresh iterator at batch k + 1, however far the prefetch ran ahead.
