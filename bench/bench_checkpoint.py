@@ -17,7 +17,6 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train_throughput import SHAPES, jax_runner  # noqa: E402
+from bench.train_throughput import SHAPES, emit, jax_runner  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -84,10 +83,7 @@ def main(argv=None) -> int:
     result[f"{kind}_stall_s"] = statistics.median(w - args.window * step_s for w in windows[kind])
   # > 0: the write outlasted the window, and the steps after it (not timed) shared the machine with it too.
   result["async_pending_after_window_s"] = max(pending)
-  print(json.dumps(result), flush=True)
-  if args.json:
-    with open(args.json, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  emit(result, args.json)
   return 0
 
 

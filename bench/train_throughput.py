@@ -207,11 +207,16 @@ def main(argv=None) -> int:
     result["speedup_vs_torch"] = result["tokens_per_sec"] / result["torch_tokens_per_sec"]
   if peak_bytes:
     result["peak_memory_gib"] = peak_bytes / 2**30
-  print(json.dumps(result), flush=True)
-  if args.json:
-    with open(args.json, "a") as f:
-      f.write(json.dumps(result) + "\n")
+  emit(result, args.json)
   return 0
+
+
+def emit(result: dict, json_path: str | None) -> None:
+  """Prints the result as one JSON line and appends it to json_path (when given)."""
+  print(json.dumps(result), flush=True)
+  if json_path:
+    with open(json_path, "a") as f:
+      f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
