@@ -10,12 +10,18 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
-def test_train_step_bench_runs_both_sides_and_writes_one_json_line(tmp_path):
-  results = tmp_path / "train.jsonl"
-  proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--shape", "cpu_smoke", "--steps", "2",
-                         "--rounds", "2", "--json", str(results)], capture_output=True, text=True, env=ENV)
+def json_line_of(script: str, tmp_path: Path, *args: str) -> dict:
+  """Runs bench/SCRIPT with --json and returns the one JSON line it wrote."""
+  results = tmp_path / "results.jsonl"
+  proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(results)], capture_output=True,
+                        text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+  return row
+
+
+def test_train_step_bench_runs_both_sides_and_writes_one_json_line(tmp_path):
+  row = json_line_of("train_throughput.py", tmp_path, "--shape", "cpu_smoke", "--steps", "2", "--rounds", "2")
   assert row["shape"] == "cpu_smoke" and row["loss_chunk"] == 16 and row["attention_q_block"] == 16
   assert row["tokens_per_sec"] > 0 and row["torch_tokens_per_sec"] > 0
   assert row["speedup_vs_torch"] == row["tokens_per_sec"] / row["torch_tokens_per_sec"]
@@ -33,11 +39,7 @@ def test_decode_bench_prints_a_row_per_model_and_batch():
 
 
 def test_checkpoint_bench_saves_both_ways_and_writes_one_json_line(tmp_path):
-  results = tmp_path / "checkpoint.jsonl"
-  proc = subprocess.run([sys.executable, str(BENCH / "bench_checkpoint.py"), "--shape", "cpu_smoke", "--saves", "1",
-                         "--window", "1", "--json", str(results)], capture_output=True, text=True, env=ENV)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+  row = json_line_of("bench_checkpoint.py", tmp_path, "--shape", "cpu_smoke", "--saves", "1", "--window", "1")
   assert row["bench"] == "checkpoint" and row["window_steps"] == 1 and row["state_gib"] > 0
   # A blocking save returns only once the write is done; both calls took real time.
   assert row["sync_save_call_s"] > 0 and row["async_save_call_s"] > 0 and row["async_pending_after_window_s"] >= 0
