@@ -35,6 +35,8 @@ def main(argv=None) -> int:
   p.add_argument("--window", type=int, default=3, help="train steps per window")
   p.add_argument("--json", default=None, help="append the JSON line here")
   args = p.parse_args(argv)
+  if args.saves < 1 or args.window < 1:
+    p.error(f"--saves and --window must be >= 1, got {args.saves} and {args.window}")
 
   import jax
   from mimix_jax.checkpoint import TrainCheckpointer
