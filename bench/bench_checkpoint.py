@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.error(f"--saves and --window must be >= 1, got {args.saves} and {args.window}")
 
   import jax
-  from mimix_jax.checkpoint import TrainCheckpointer
+  from mimix_jax.training.checkpoints import TrainCheckpointer
   shape = SHAPES[args.shape]
   step, _ = jax_runner(shape, shape["batch"], attention="xla", remat=shape["remat"], loss_chunk=shape["loss_chunk"],
                        scan_layers=None)

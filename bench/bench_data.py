@@ -74,7 +74,8 @@ def bench_preprocess(work: Path, inputs: list[Path], workers: int, max_len: int)
 
 
 def bench_loader(shards: Path, batch: int, steps: int) -> dict:
-  from mimix_jax.data import make_iterator, read_manifest
+  from mimix_jax.data.pipeline import make_iterator
+  from mimix_jax.data.shards import read_manifest
 
   max_len = read_manifest(shards)["max_len"]
   it = make_iterator(str(shards), stage="pretrain", global_batch_size=batch, seed=0)
@@ -88,7 +89,7 @@ def bench_loader(shards: Path, batch: int, steps: int) -> dict:
 
 
 def large_model_tokens_per_s(max_len: int) -> float:
-  from mimix_jax.model_config import preset
+  from mimix_jax.model.config import preset
 
   return 8 * 0.5 * H100_BF16_PEAK / preset("large").flops_per_token(max_len)
 

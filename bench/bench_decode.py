@@ -26,15 +26,15 @@ import time
 
 import numpy as np
 
-from mimix_jax.model_config import ModelConfig, preset
+from mimix_jax.model.config import ModelConfig, preset
 
 
 def jax_runner(cfg: ModelConfig, prompts: np.ndarray, new_tokens: int):
   """run(n): Engine.start + Engine.finish for n <= new_tokens new tokens, the tokens fetched to the host."""
-  from mimix_jax import model as model_lib
-  from mimix_jax.generate import Engine, bucket
-  from mimix_jax.sampling import SamplingConfig
-  engine = Engine(model_lib.create(cfg, seed=0))
+  from mimix_jax.inference.engine import Engine, bucket
+  from mimix_jax.inference.sampling import SamplingConfig
+  from mimix_jax.model import transformer
+  engine = Engine(cfg, transformer.init_params(cfg, seed=0))
   batch, prompt_len = prompts.shape
   rows = prompts.tolist()
 

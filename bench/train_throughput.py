@@ -47,7 +47,9 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
   """Returns step() -> the new train state (blocking) for our train step on all local devices, and the ModelConfig."""
   import jax
   import numpy as np
-  from mimix_jax import config as config_lib, sharding, trainer as trainer_lib
+  from mimix_jax.model import sharding
+  from mimix_jax.training import config as config_lib, objectives
+  from mimix_jax.training.step import TrainStep
 
   cfg = config_lib.defaults()
   cfg.model.update(**shape["model"], dtype=shape["dtype"], remat=remat, attention=attention, vocab_multiple=128)
@@ -57,7 +59,7 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
     cfg.model.attention_q_block = q_block
   cfg.update(max_len=shape["seq"], batch_size=batch, total_steps=1000, loss_chunk=loss_chunk)
   mesh = sharding.make_mesh(1, -1, 1)
-  tr = trainer_lib.build(cfg, config_lib.model_config(cfg), mesh)
+  tr = TrainStep(cfg, objectives.from_config(cfg), mesh)
   rng = np.random.default_rng(0)
   b, t = batch, shape["seq"]
   local = {"inputs": rng.integers(0, shape["model"]["vocab_size"], (b, t), dtype=np.int32),
@@ -67,13 +69,12 @@ def jax_runner(shape: dict, batch: int, attention: str, remat: str, loss_chunk: 
            "segment_ids": np.ones((b, t), np.int32)}
   with sharding.activate(mesh):
     state = tr.init_state(0)
-    step_fn = tr.train_step()
     device_batch = tr.device_batch(local)
   holder = {"state": state}
 
   def step():
     with sharding.activate(mesh):
-      holder["state"], metrics = step_fn(holder["state"], device_batch, None)
+      holder["state"], metrics = tr(holder["state"], device_batch)
     jax.block_until_ready(metrics["loss"])
     return holder["state"]
 
@@ -128,7 +129,7 @@ def serve(conn, side: str, shape_name: str, batch: int, opts: dict) -> None:
     conn.send({"torch": torch.__version__, "transformers": transformers.__version__})
   else:
     import jax
-    from mimix_jax.metrics import peak_flops_per_device
+    from mimix_jax.training.metrics import peak_flops_per_device
     step, model_cfg = jax_runner(shape, batch, **opts)
     t0 = time.perf_counter()
     step()  # compile

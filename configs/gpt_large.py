@@ -1,15 +1,17 @@
-"""The reference MimixLM gpt_large recipe (spec §11) on one 8-GPU node: 353.5M parameters.
+"""The original MimixLM gpt_large recipe on one 8-GPU node: 353.5M parameters.
 
-Hyper-parameters are the reference's; what we change on purpose is commented.
+Hyper-parameters are the original's; what we change on purpose is commented.
 """
 
-from mimix_jax import config as base
-from mimix_jax.model_config import preset
+from mimix_jax.model.config import preset
+from mimix_jax.training import config as base
+
+STAGES = ("pretrain", "pretrain_2048", "sft", "dpo")
 
 
 def get_config(stage="pretrain"):
   c = base.defaults()
-  c.model = preset("large", dtype="bfloat16", remat="save_dots").to_dict()
+  c.model = base.model_fields(preset("large", dtype="bfloat16", remat="save_dots"))
   c.mesh.update(data=1, fsdp=-1, tensor=1)  # FSDP over all 8 GPUs
   c.tokenizer_path = "data/gpt_large/tokenizer"
   c.log_every = 10
@@ -21,28 +23,28 @@ def get_config(stage="pretrain"):
   c.grad_accum_steps = 5
   c.loss_chunk = 256  # never materialise [30, 1024, 50304] float32 logits (6 GB per GPU)
 
-  #                     stage      max_len batch  steps    lr     warmup
+  #                     objective  max_len batch  steps    lr     warmup
   if stage == "pretrain":
-    c.update(stage="pretrain", max_len=1024, batch_size=1200, total_steps=100_000)
+    c.update(objective="pretrain", max_len=1024, batch_size=1200, total_steps=100_000)
     c.optimizer.update(lr=5e-4, warmup_steps=1000)
     c.data.train_path = "data/gpt_large/pretrain_1024"
   elif stage == "pretrain_2048":
-    c.update(stage="pretrain", max_len=2048, batch_size=600, total_steps=12_000, init_from="runs/gpt_large/pretrain")
+    c.update(objective="pretrain", max_len=2048, batch_size=600, total_steps=12_000, init_from="runs/gpt_large/pretrain")
     c.optimizer.update(lr=5e-5, warmup_steps=1000)
     c.data.train_path = "data/gpt_large/pretrain_2048"
   elif stage == "sft":
-    c.update(stage="sft", max_len=2048, batch_size=600, total_steps=85_000, init_from="runs/gpt_large/pretrain_2048")
+    c.update(objective="sft", max_len=2048, batch_size=600, total_steps=85_000, init_from="runs/gpt_large/pretrain_2048")
     c.optimizer.update(lr=3e-5, warmup_steps=1000)
     c.data.train_path = "data/gpt_large/sft"
     c.save_every_steps = 5000
-  elif stage == "dpo":  # the reference ran DPO on 1 GPU with 32 pairs; we keep the batch, use the node
-    c.update(stage="dpo", max_len=2048, batch_size=32, total_steps=5_700, init_from="runs/gpt_large/sft",
+  elif stage == "dpo":  # the original ran DPO on 1 GPU with 32 pairs; we keep the batch, use the node
+    c.update(objective="dpo", max_len=2048, batch_size=32, total_steps=5_700, init_from="runs/gpt_large/sft",
              grad_accum_steps=1)
     c.optimizer.update(lr=1e-5, warmup_steps=500)
     c.data.train_path = "data/gpt_large/dpo"
     c.save_every_steps = 2000
-    c.dpo.update(beta=0.1, dpo_weight=0.1, sft_weight=1.0)  # the reference: loss = sft + 0.1 * dpo
+    c.dpo.update(beta=0.1, dpo_weight=0.1, sft_weight=1.0)  # the original: loss = sft + 0.1 * dpo
   else:
-    raise ValueError(f"unknown stage {stage!r}; choose from {base.STAGES}")
+    raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
   c.lock()
   return c

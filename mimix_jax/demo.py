@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from mimix_jax.metrics import read_jsonl
+from mimix_jax.training.metrics import read_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
   tok = out / "tokenizer"
 
   def train(stage: str, extra=()):
-    from mimix_jax import config as config_lib
+    from mimix_jax.training import config as config_lib
     steps = max(int(config_lib.load(f"{args.config}:{stage}").total_steps * args.scale), 2)
     run_dir = out / "runs" / stage
     overrides = [f"--config.tokenizer_path={tok}", f"--config.data.train_path={out}/data/{_data_name(stage)}",
@@ -101,14 +101,19 @@ def main(argv=None) -> int:
   if not (out / "export" / "export.json").exists():  # written last, once the export is verified
     sh(py + ["mimix_jax.export", "--checkpoint", str(out / "runs/dpo"), "--output", str(out / "export")],
        summary, "export")
-  # A 2.4M-parameter model's greedy reply can be one whitespace piece repeated; the reference's repetition
+  # A 2.4M-parameter model's greedy reply can be one whitespace piece repeated; the original's repetition
   # penalty keeps it to words.
   reply = sh(py + ["mimix_jax.generate", "--checkpoint", str(out / "runs/dpo"), "--chat", "--greedy",
                    "--repetition_penalty", "1.2", "--max_new_tokens", "40", "--prompt", "What is AI?"],
              summary, "chat reply")
 
+  print_summary(out, summary, ppl, reply)
+  return 0
+
+
+def print_summary(out: Path, timings: list[str], ppl: dict, reply: str) -> None:
   print("\n=== summary")
-  print("\n".join(summary))
+  print("\n".join(timings))
   for stage in ("pretrain", "pretrain_2048", "sft", "dpo"):
     losses = [r["loss"] for r in read_jsonl(out / "runs" / stage / "metrics.jsonl")]
     print(f"{stage:<14} loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} logged steps)")
@@ -121,7 +126,6 @@ def main(argv=None) -> int:
   print(f"export (Hugging Face format): {out}/export")
   print(f"chat reply to 'What is AI?': {reply.strip()}")
   print(f"start chatting: python -m mimix_jax.chat --checkpoint {out}/runs/dpo   (or launch/chat.sh {out}/runs/dpo)")
-  return 0
 
 
 def _data_name(stage: str) -> str:

@@ -16,12 +16,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes `obj` as indented UTF-8 JSON via a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary path next to `path` (same suffix, so writers that add one keep it); it replaces `path`
+  when the block exits without an exception, and is removed otherwise."""
   path = Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
+  tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  with atomic_file(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> None:
+  """Writes `obj` as indented UTF-8 JSON via a temporary file and a rename."""
+  write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n")
 
 
 @contextlib.contextmanager
@@ -41,11 +56,16 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  replace_dir(tmp, path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+  """Moves the finished directory `src` to `dst`, replacing an existing `dst` only once `src` is in place."""
   old = None
-  if path.exists():
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-  os.replace(tmp, path)
+  if dst.exists():
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+  os.replace(src, dst)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 

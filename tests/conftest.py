@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mimix_jax import tokenizer
+from mimix_jax import tokenizer as tokenizer_cmd
+from mimix_jax.text.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -20,17 +21,23 @@ SMALL_BOOKS = [CORPUS_TRAIN / "shakespeare_macbeth.txt.gz", CORPUS_TRAIN / "shak
 TEST_VOCAB = 2000
 
 
+def train_tokenizer(inputs: list, vocab_size: int, output: Path, *extra: str) -> Path:
+  """The tokenizer command, in process; returns the output directory."""
+  assert tokenizer_cmd.main(["--input", *map(str, inputs), "--vocab_size", str(vocab_size), "--output", str(output),
+                             *extra]) == 0
+  return output
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
   """A 2000-id tokenizer trained on a seeded 1.5M-character sample of data/corpus/train."""
   out = tmp_path_factory.mktemp("tokenizer") / "tok"
-  tokenizer.train([str(CORPUS_TRAIN)], vocab_size=TEST_VOCAB, output=out, max_chars=1_500_000, seed=0)
-  return out
+  return train_tokenizer([CORPUS_TRAIN], TEST_VOCAB, out, "--max_chars", "1500000", "--seed", "0")
 
 
 @pytest.fixture(scope="session")
-def tok(tokenizer_dir) -> tokenizer.Tokenizer:
-  return tokenizer.Tokenizer.load(tokenizer_dir)
+def tok(tokenizer_dir) -> Tokenizer:
+  return Tokenizer.load(tokenizer_dir)
 
 
 def run_preprocess(tokenizer_dir: Path, output: Path, stage: str, inputs: list, max_len: int, *extra: str) -> int:

@@ -10,10 +10,12 @@ import pexpect
 import pytest
 
 from mimix_jax import chat
-from mimix_jax import generate as gen
-from mimix_jax import model as model_lib
-from mimix_jax.model_config import ModelConfig
-from mimix_jax.sampling import SamplingConfig
+from mimix_jax.inference import generation, session
+from mimix_jax.inference.engine import Engine, generate_ids
+from mimix_jax.inference.sampling import SamplingConfig
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.model.config import ModelConfig
+from mimix_jax.text.tokenizer import stop_ids
 from test_generate import SMALL, make_run
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -21,17 +23,18 @@ GREEDY = SamplingConfig(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def engine(tok):
-  return gen.Engine(model_lib.create(ModelConfig(vocab_size=tok.vocab_size, **SMALL), seed=0))
+  cfg = ModelConfig(vocab_size=tok.vocab_size, **SMALL)
+  return Engine(cfg, model_lib.init_params(cfg, seed=0))
 
 
 def new_session(engine, tok, notices, chat_mode=True, system="Be brief."):
-  return chat.ChatSession(engine, tok, chat=chat_mode, system=system, sampling=GREEDY, max_new_tokens=6,
-                          stop_ids=gen.stop_ids_for(tok), notify=notices.append)
+  return session.ChatSession(engine, tok, chat=chat_mode, system=system, sampling=GREEDY, max_new_tokens=6,
+                          stop_ids=stop_ids(tok), notify=notices.append)
 
 
 def fresh_reply(engine, tok, tokens: list[int]) -> list[int]:
   """What the model says after `tokens` decoded from scratch (no chat state)."""
-  [g] = gen.generate_ids(engine, [tokens], stop_ids=gen.stop_ids_for(tok), pad_id=tok.pad_id, max_new_tokens=6)
+  [g] = generate_ids(engine, [tokens], stop_ids=stop_ids(tok), pad_id=tok.pad_id, max_new_tokens=6)
   return g.tokens
 
 
@@ -111,17 +114,17 @@ def test_raw_mode_continues_each_input_independently(engine, tok):
   s = new_session(engine, tok, [], chat_mode=False)
   for text in ("The king", "The king"):
     out = "".join(s.reply(text))
-    [g] = gen.generate(engine, tok, [text], sampling=GREEDY, max_new_tokens=6)
+    [g] = generation.generate(engine, tok, [text], sampling=GREEDY, max_new_tokens=6)
     assert out == g.text
 
 
 def test_params_command_validates_and_applies(engine, tok):
   s = new_session(engine, tok, [])
-  chat.set_params(s, ["temperature=0.5", "top_k=7", "max_new_tokens=9"])
+  session.set_params(s, ["temperature=0.5", "top_k=7", "max_new_tokens=9"])
   assert (s.sampling.temperature, s.sampling.top_k, s.max_new_tokens) == (0.5, 7, 9)
   for bad in (["top_p=2"], ["nope=1"], ["top_k=x"], ["temperature"]):
     with pytest.raises(ValueError):
-      chat.set_params(s, bad)
+      session.set_params(s, bad)
   assert (s.sampling.top_p, s.sampling.top_k) == (1.0, 7)
 
 

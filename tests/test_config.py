@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from mimix_jax import config as config_lib
+from mimix_jax.training import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ("pretrain", "pretrain_2048", "sft", "dpo")
 
 
 @pytest.mark.parametrize("file", ["configs/gpt_large.py", "configs/tiny.py"])
-@pytest.mark.parametrize("stage", config_lib.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_loads_and_validates(file, stage):
   cfg = config_lib.load(f"{file}:{stage}")
   config_lib.validate(cfg)
   model = config_lib.model_config(cfg)
   assert model.max_len == cfg.max_len
-  assert cfg.stage == ("pretrain" if stage.startswith("pretrain") else stage)
+  assert cfg.objective == ("pretrain" if stage.startswith("pretrain") else stage)
   if stage != "pretrain":
     assert cfg.init_from  # every later stage starts from the previous one
 
@@ -52,6 +53,13 @@ def test_overrides_apply_with_types_and_typos_fail_clearly():
     config_lib.load("configs/tiny.py:pretrain_4096")
   with pytest.raises(ValueError, match="data.prefetch must be >= 0"):
     config_lib.validate(config_lib.load("configs/tiny.py:pretrain", ["--config.data.prefetch=-1"]))
+  # The model's context is the stage's max_len: there is one field for it.
+  with pytest.raises(KeyError, match="no field 'model.max_len'"):
+    config_lib.load("configs/tiny.py:pretrain", ["--config.model.max_len=64"])
+  with pytest.raises(ValueError, match="objective must be one of pretrain, sft, dpo"):
+    config_lib.validate(config_lib.load("configs/tiny.py:pretrain", ["--config.objective=rlhf"]))
+  with pytest.raises(ValueError, match="model.remat must be one of none, full, save_dots"):
+    config_lib.validate(config_lib.load("configs/tiny.py:pretrain", ["--config.model.remat=fulll"]))
 
 
 def test_train_command_rejects_a_misspelt_field():

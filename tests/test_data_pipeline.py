@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from mimix_jax.data import make_iterator, read_manifest
+from mimix_jax.data.pipeline import make_iterator
+from mimix_jax.data.shards import read_manifest
 from mimix_jax.data.pipeline import prefetch_to_device
 from mimix_jax.data.shards import ShardSource
 

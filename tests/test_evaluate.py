@@ -8,21 +8,20 @@ import sys
 
 import jax
 import numpy as np
-from flax import nnx
 
 from conftest import REPO, SMALL_BOOKS
-from mimix_jax import checkpoint, evaluate, sharding
-from mimix_jax import model as model_lib
-from mimix_jax.model_config import ModelConfig
+from mimix_jax.evaluation import perplexity as evaluate
+from mimix_jax.model import sharding
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.model.config import ModelConfig
+from mimix_jax.training import checkpoints, run_dir
 
 CFG = ModelConfig(vocab_size=2000, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=48)
 
 
 def setup(seed=0):
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  model = model_lib.create(CFG, seed)
-  graphdef, params = nnx.split(model, nnx.Param)
-  return model, mesh, evaluate.make_nll_fn(graphdef, mesh), nnx.to_pure_dict(params)
+  return model_lib.create(CFG, seed), mesh, evaluate.make_nll_fn(CFG, mesh), model_lib.init_params(CFG, seed)
 
 
 def independent_nll(model, doc):
@@ -65,8 +64,8 @@ def test_sliding_window_scores_every_target_once_whatever_the_batch_size(tok):
 
 def test_evaluate_command_prints_json_for_a_run_directory(tmp_path, tokenizer_dir):
   run = tmp_path / "run"
-  checkpoint.write_run_info(run, CFG, tokenizer_dir, dict(checkpoint.DEFAULT_GENERATION))
-  checkpoint.save_params(run, 0, checkpoint.model_params(model_lib.create(CFG, 2)))
+  run_dir.write_run_info(run, CFG, tokenizer_dir, dict(run_dir.DEFAULT_GENERATION))
+  checkpoints.save_params(run, 0, model_lib.init_params(CFG, 2))
   out = subprocess.run([sys.executable, "-m", "mimix_jax.evaluate", "--checkpoint", str(run), "--data",
                         str(SMALL_BOOKS[1]), "--stride", "16", "--output", str(tmp_path / "ppl.json")],
                        capture_output=True, text=True, cwd=REPO)

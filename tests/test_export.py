@@ -18,14 +18,16 @@ import transformers
 from flax import nnx
 from safetensors import safe_open
 
-from mimix_jax import checkpoint as ckpt
+from conftest import train_tokenizer
 from mimix_jax import export as export_lib
 from mimix_jax import generate as generate_lib
 from mimix_jax import import_hf as import_lib
-from mimix_jax import model as model_lib
-from mimix_jax import sharding
-from mimix_jax import tokenizer as tokenizer_lib
-from mimix_jax.model_config import ModelConfig
+from mimix_jax.hf import verify as verify_lib
+from mimix_jax.model import sharding
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.model.config import ModelConfig
+from mimix_jax.text import tokenizer as tokenizer_lib
+from mimix_jax.training import checkpoints, run_dir as run_dir_lib
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BOOK = DATA / "corpus" / "train" / "devils_dictionary.txt.gz"
@@ -61,18 +63,18 @@ def _train(model: model_lib.Transformer, ids: np.ndarray, steps: int = 80, batch
 def run(tmp_path_factory):
   """A trained tiny run directory (vocab ~1000, padded to 1024) whose checkpoint was saved from a sharded mesh."""
   root = tmp_path_factory.mktemp("export")
-  tokenizer_lib.train([str(BOOK)], vocab_size=1000, output=root / "tokenizer", num_special_tokens=16)
+  train_tokenizer([BOOK], 1000, root / "tokenizer", "--num_special_tokens", "16")
   tok = tokenizer_lib.Tokenizer.load(root / "tokenizer")
   cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=128)
   model = model_lib.create(cfg, seed=0)
   ids = np.asarray(tok.encode(gzip.open(BOOK, "rt").read()[:6_000]), np.int32)
   assert _train(model, ids) < 4.5  # from ln(1000) = 6.9: peaked, so top-1 comparisons mean something
-  params = ckpt.model_params(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-  sharded = jax.device_put(params, sharding.param_shardings(nnx.state(model_lib.abstract(cfg)), mesh))
+  sharded = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
   run_dir = root / "run"
-  ckpt.write_run_info(run_dir, cfg, root / "tokenizer", {**ckpt.DEFAULT_GENERATION, "mode": "chat"})
-  ckpt.save_params(run_dir, 60, sharded)
+  run_dir_lib.write_run_info(run_dir, cfg, root / "tokenizer", {**run_dir_lib.DEFAULT_GENERATION, "mode": "chat"})
+  checkpoints.save_params(run_dir, 60, sharded)
   return run_dir, jax.tree.map(np.asarray, params), tok
 
 
@@ -85,7 +87,7 @@ def f32_export(run, tmp_path_factory):
 
 
 def _jax_logits(params, cfg, tokens):
-  model = ckpt.params_to_model(cfg, jax.tree.map(jnp.asarray, params))
+  model = model_lib.from_params(cfg, jax.tree.map(jnp.asarray, params))
   return np.asarray(model(jnp.asarray(tokens)))[..., : cfg.vocab_size]
 
 
@@ -103,7 +105,7 @@ def _test_tokens(cfg, seed=0):
 def test_float32_export_matches_transformers_and_imports_back_exactly(run, f32_export, tmp_path):
   run_dir, params, tok = run
   out, report = f32_export
-  cfg = ckpt.read_run_info(run_dir).model
+  cfg = run_dir_lib.read_run_info(run_dir).model
   assert report["verify"]["passed"] and report["verify"]["tokenizer_match"]
   assert report["verify"]["max_abs_diff"] < 1e-4 and report["verify"]["top1_agreement"] == 1.0
 
@@ -127,10 +129,11 @@ def test_float32_export_matches_transformers_and_imports_back_exactly(run, f32_e
 
   imported = tmp_path / "imported"
   import_lib.import_hf(out, imported)
-  model, info = ckpt.load_model(imported)
-  assert info.model == cfg and info.generation == ckpt.read_run_info(run_dir).generation
+  info = run_dir_lib.read_run_info(imported)
+  assert info.model == cfg and info.generation == run_dir_lib.read_run_info(run_dir).generation
   assert tokenizer_lib.Tokenizer.load(info.tokenizer_dir).sha256() == tok.sha256()
-  back = jax.tree.map(np.asarray, ckpt.model_params(model))
+  back = jax.tree.map(np.asarray, checkpoints.load_params(imported))
+  model = model_lib.from_params(cfg, back)
   jax.tree.map(np.testing.assert_array_equal, back["layers"], params["layers"])
   np.testing.assert_array_equal(back["embed"][: cfg.vocab_size], params["embed"][: cfg.vocab_size])
   np.testing.assert_array_equal(np.asarray(model(jnp.asarray(tokens)))[..., : cfg.vocab_size], ours)
@@ -138,7 +141,7 @@ def test_float32_export_matches_transformers_and_imports_back_exactly(run, f32_e
 
 def test_bfloat16_sharded_export_agrees_on_distributions(run, tmp_path):
   run_dir, params, _ = run
-  cfg = ckpt.read_run_info(run_dir).model
+  cfg = run_dir_lib.read_run_info(run_dir).model
   out = tmp_path / "hf16"
   report = export_lib.export(run_dir / "checkpoints" / "60", out, dtype="bfloat16", verify=True, max_shard_size="60KB")
   assert report["checkpoint"] == str(run_dir / "checkpoints" / "60")
@@ -151,7 +154,7 @@ def test_bfloat16_sharded_export_agrees_on_distributions(run, tmp_path):
 
   ours = _jax_logits(params, cfg, _test_tokens(cfg, seed=1)).reshape(-1, cfg.vocab_size).astype(np.float64)
   theirs = _hf_logits(out, _test_tokens(cfg, seed=1)).reshape(-1, cfg.vocab_size).astype(np.float64)
-  stats = export_lib.logit_stats(ours, theirs)
+  stats = verify_lib.logit_stats(ours, theirs)
   assert stats["top1_same"] / stats["positions"] > 0.99
   assert stats["kl_sum"] / stats["positions"] < 1e-3
   assert report["verify"]["top1_agreement"] > 0.99 and report["verify"]["mean_kl"] < 1e-3
@@ -191,10 +194,10 @@ def test_greedy_generation_with_transformers_equals_our_generate_command(run, f3
   assert ours["text"] == hf_tok.decode(new, skip_special_tokens=True)
 
 
-# ---------------------------------------------------------------- MimixLM layout (spec §1.2, §2)
+# ---------------------------------------------------------------- MimixLM layout
 
 def _spec_names_and_shapes(cfg: ModelConfig):
-  """Spec §2.1's state_dict() listing, for this config."""
+  """The original's state_dict() listing, for this config."""
   d, hd, f = cfg.d_model, cfg.head_dim, cfg.d_ff
   names = [("lm_model.word_embedding.W", (cfg.vocab_size, d))]
   for i in range(cfg.n_layers):
@@ -211,7 +214,7 @@ def _spec_names_and_shapes(cfg: ModelConfig):
 
 
 def mimixlm_numpy_forward(sd: dict, mc: dict, tokens: np.ndarray) -> np.ndarray:
-  """The reference's forward pass written from spec §1.2 / §1.4, float64, over its own state dict.
+  """The original's forward pass as it documents it, float64, over its own state dict.
 
   tokens [T] (no padding, so positions are 0..T-1) -> logits [T, V].
   """
@@ -244,7 +247,7 @@ def mimixlm_numpy_forward(sd: dict, mc: dict, tokens: np.ndarray) -> np.ndarray:
 def test_mimixlm_layout_names_shapes_and_numpy_reference_forward(run, f32_export):
   run_dir, params, tok = run
   out, _ = f32_export
-  cfg = ckpt.read_run_info(run_dir).model
+  cfg = run_dir_lib.read_run_info(run_dir).model
   sd = torch.load(out / "mimixlm" / "model_weights", weights_only=True, map_location="cpu")
   assert [(k, tuple(v.shape)) for k, v in sd.items()] == _spec_names_and_shapes(cfg)
   config = json.loads((out / "mimixlm" / "model_config.json").read_text())
@@ -252,14 +255,14 @@ def test_mimixlm_layout_names_shapes_and_numpy_reference_forward(run, f32_export
   assert {k: mc[k] for k in ("vocab_size", "n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "max_len")} == \
       dict(vocab_size=cfg.vocab_size, n_layers=2, d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, max_len=128)
   assert mc["share_emb_out_proj"] is True and mc["pad_id"] == tok.pad_id
-  assert mc["eos_id"] == tok.eot_id  # a chat run stops on <|eot_id|> (spec §12.16)
+  assert mc["eos_id"] == tok.eot_id  # a chat run stops on <|eot_id|>
   assert config["tokenizer_config"]["special_tokens"]["bos"] == ["<|begin_of_text|>", tok.bos_id]
   assert config["generation_config"]["generation_mode"] == "chat"
 
   tokens = _test_tokens(cfg, seed=2)[0, :64]
   ref = mimixlm_numpy_forward(sd, mc, tokens)
   np.testing.assert_allclose(_jax_logits(params, cfg, tokens[None])[0], ref, atol=1e-4, rtol=0)
-  # The layouts agree tensor for tensor under the reference's own HF mapping (spec §10).
+  # The layouts agree tensor for tensor under the original's own HF mapping.
   with safe_open(out / "model.safetensors", framework="numpy") as f:
     np.testing.assert_array_equal(sd["lm_model.transformer.layers.1.ffn.gate_proj.W"].numpy(),
                                   f.get_tensor("model.layers.1.mlp.gate_proj.weight"))
@@ -270,11 +273,11 @@ def test_mimixlm_layout_names_shapes_and_numpy_reference_forward(run, f32_export
 def test_verification_fails_on_a_wrong_export(run, f32_export):
   run_dir, params, tok = run
   out, _ = f32_export
-  cfg = ckpt.read_run_info(run_dir).model
+  cfg = run_dir_lib.read_run_info(run_dir).model
   wrong = jax.tree.map(np.copy, params)
   wrong["layers"]["wq"] = wrong["layers"]["wq"][:, :, ::-1]  # heads in the wrong order: a classic export bug
-  with pytest.raises(export_lib.VerificationError, match="max_abs_diff=.* > 0.001"):
-    export_lib.verify_export(out, ckpt.params_to_model(cfg, jax.tree.map(jnp.asarray, wrong)), tok, "float32")
+  with pytest.raises(verify_lib.VerificationError, match="max_abs_diff=.* > 0.001"):
+    export_lib.verify_export(out, cfg, jax.tree.map(jnp.asarray, wrong), tok, "float32")
 
 
 def test_cli_refuses_to_overwrite_and_reports(run, f32_export, capsys):

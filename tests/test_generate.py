@@ -13,24 +13,39 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mimix_jax import checkpoint
-from mimix_jax import generate as gen
-from mimix_jax import model as model_lib
-from mimix_jax import sampling
-from mimix_jax.model_config import ModelConfig
-from mimix_jax.sampling import SamplingConfig
+from mimix_jax import generate as generate_cmd
+from mimix_jax.inference import generation, sampling
+from mimix_jax.inference.engine import Engine, generate_ids
+from mimix_jax.inference.sampling import SamplingConfig
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.model.config import ModelConfig
+from mimix_jax.text import tokenizer as tokenizer_lib
+from mimix_jax.training import checkpoints, run_dir as run_dir_lib
 
 GREEDY = SamplingConfig(temperature=0.0)
 # init_std 0.1: a 0.02 random model repeats one token forever, which would hide cache or padding bugs.
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=64, init_std=0.1)
 
 
+def params_of(model) -> dict:
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def engine_of(model) -> Engine:
+  return Engine(model.cfg, params_of(model))
+
+
+def run_engine(run_dir) -> Engine:
+  """The engine of a saved run, as the commands build it."""
+  return Engine(run_dir_lib.read_run_info(run_dir).model, checkpoints.load_params(run_dir))
+
+
 def make_run(root, tokenizer_dir, vocab_size: int, generation: dict | None = None, **overrides):
   """A run directory holding a random small model (seed 0) and the tokenizer; returns (run_dir, model)."""
   cfg = ModelConfig(vocab_size=vocab_size, **{**SMALL, **overrides})
   model = model_lib.create(cfg, seed=0)
-  checkpoint.write_run_info(root, cfg, tokenizer_dir, {**checkpoint.DEFAULT_GENERATION, **(generation or {})})
-  checkpoint.save_params(root, 1, checkpoint.model_params(model))
+  run_dir_lib.write_run_info(root, cfg, tokenizer_dir, {**run_dir_lib.DEFAULT_GENERATION, **(generation or {})})
+  checkpoints.save_params(root, 1, params_of(model))
   return root, model
 
 
@@ -41,7 +56,7 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def engine(model):
-  return gen.Engine(model)
+  return engine_of(model)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -72,7 +87,7 @@ PROMPTS = [[5, 300, 42, 1200], list(range(600, 613)), [999]]
 
 
 def test_greedy_with_cache_equals_full_forward_passes(model, engine):
-  out = gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=10)
+  out = generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=10)
   for prompt, g in zip(PROMPTS, out):
     assert g.tokens == greedy_without_cache(model, prompt, 10)
     assert g.finish_reason == "length"
@@ -82,10 +97,10 @@ def test_greedy_with_cache_equals_full_forward_passes(model, engine):
 def test_batched_prompts_of_different_lengths_equal_one_at_a_time(engine):
   # (Greedy batches already match unbatched full forward passes above; this checks seeded sampling.)
   config = SamplingConfig(temperature=0.9, top_k=40, top_p=0.9, seed=7)
-  batched = gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, sampling=config, max_new_tokens=8)
+  batched = generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, sampling=config, max_new_tokens=8)
   for i, prompt in enumerate(PROMPTS):
     # Alone, the prompt is row 0 of its request, so give row i's key by padding the request with copies.
-    alone = gen.generate_ids(engine, [prompt] * (i + 1), stop_ids=[], pad_id=0, sampling=config,
+    alone = generate_ids(engine, [prompt] * (i + 1), stop_ids=[], pad_id=0, sampling=config,
                              max_new_tokens=8, batch_size=1)[i]
     assert alone.tokens == batched[i].tokens
 
@@ -93,15 +108,15 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(engine):
 def test_same_seed_gives_the_same_sample(engine):
   def run(seed):
     config = SamplingConfig(temperature=1.0, seed=seed)
-    return [g.tokens for g in gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, sampling=config,
+    return [g.tokens for g in generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, sampling=config,
                                                max_new_tokens=8)]
   assert run(3) == run(3)
   assert run(3) != run(4)
 
 
 def test_top_k_of_one_samples_the_greedy_tokens(engine):
-  greedy = gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=6)
-  top1 = gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=6,
+  greedy = generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=6)
+  top1 = generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=6,
                           sampling=SamplingConfig(temperature=1.5, top_k=1, seed=1))
   assert [g.tokens for g in top1] == [g.tokens for g in greedy]
 
@@ -178,8 +193,8 @@ def test_repetition_penalty_matches_the_reference_formula(penalty, decay, window
 
 
 def test_repetition_penalty_in_decoding_changes_only_repeats(engine):
-  plain = gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=12)
-  penalized = gen.generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=12,
+  plain = generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=12)
+  penalized = generate_ids(engine, PROMPTS, stop_ids=[], pad_id=0, max_new_tokens=12,
                                sampling=SamplingConfig(temperature=0.0, repetition_penalty=1e6))
   for a, b in zip(plain, penalized):
     # Identical until the plain run first repeats a generated token; the penalized run never repeats.
@@ -191,29 +206,29 @@ def test_repetition_penalty_in_decoding_changes_only_repeats(engine):
 def test_generation_stops_on_eot(tok, model):
   # Make <|eot_id|> likely: its output embedding becomes twice that of the token greedy picks 4th.
   free = greedy_without_cache(model, tok.encode("The king", bos=True), 12)
-  params = checkpoint.model_params(model)
+  params = params_of(model)
   params["embed"] = params["embed"].at[tok.eot_id].set(2 * params["embed"][free[3]])
-  surgered = checkpoint.params_to_model(model.cfg, params)
+  surgered = model_lib.from_params(model.cfg, params)
   prompt = tok.encode("The king", bos=True)
   want = greedy_without_cache(surgered, prompt, 12, stop_ids={tok.eot_id})
   assert len(want) < 12
-  [g] = gen.generate(surgered, tok, ["The king"], sampling=GREEDY, max_new_tokens=12)
+  [g] = generation.generate(engine_of(surgered), tok, ["The king"], sampling=GREEDY, max_new_tokens=12)
   assert g.tokens == want and g.finish_reason == "stop"
-  assert tok.eot_id in gen.stop_ids_for(tok) and tok.eos_id in gen.stop_ids_for(tok)
+  assert tok.eot_id in tokenizer_lib.stop_ids(tok) and tok.eos_id in tokenizer_lib.stop_ids(tok)
 
 
 def test_context_limit_and_too_long_prompts(engine, model):
   near_full = list(range(300, 300 + model.cfg.max_len - 3))
-  [g] = gen.generate_ids(engine, [near_full], stop_ids=[], pad_id=0, max_new_tokens=10)
+  [g] = generate_ids(engine, [near_full], stop_ids=[], pad_id=0, max_new_tokens=10)
   assert len(g.tokens) == 3 and g.finish_reason == "context"
   with pytest.raises(ValueError, match="leaves no room to generate"):
-    gen.generate_ids(engine, [list(range(300, 300 + model.cfg.max_len))], stop_ids=[], pad_id=0)
+    generate_ids(engine, [list(range(300, 300 + model.cfg.max_len))], stop_ids=[], pad_id=0)
 
 
 def test_stream_yields_the_text_of_generate(tok, engine):
   config = SamplingConfig(temperature=0.8, seed=5)
-  [g] = gen.generate(engine, tok, ["Once upon a time"], sampling=config, max_new_tokens=16)
-  s = gen.stream(engine, tok, "Once upon a time", sampling=config, max_new_tokens=16)
+  [g] = generation.generate(engine, tok, ["Once upon a time"], sampling=config, max_new_tokens=16)
+  s = generation.stream(engine, tok, "Once upon a time", sampling=config, max_new_tokens=16)
   pieces = list(s)
   assert "".join(pieces) == g.text and s.tokens == g.tokens and s.finish_reason == g.finish_reason
   assert all("\ufffd" not in p for p in pieces) or "\ufffd" in g.text
@@ -227,29 +242,27 @@ def run_dir(tmp_path_factory, tokenizer_dir, tok):
 def test_cli_json_prompt_file_matches_the_library(run_dir, tmp_path, tok, capsys):
   prompts = ["The king", "What is love?"]
   (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-  assert gen.main(["--checkpoint", str(run_dir), "--prompt_file", str(tmp_path / "prompts.txt"), "--chat",
+  assert generate_cmd.main(["--checkpoint", str(run_dir), "--prompt_file", str(tmp_path / "prompts.txt"), "--chat",
                    "--json", "--temperature", "0.7", "--top_p", "0.9", "--seed", "3", "--max_new_tokens", "8"]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  model, _ = checkpoint.load_model(run_dir)
-  want = gen.generate(model, tok, prompts, chat=True, max_new_tokens=8,
+  want = generation.generate(run_engine(run_dir), tok, prompts, chat=True, max_new_tokens=8,
                       sampling=SamplingConfig(temperature=0.7, top_p=0.9, seed=3))
   assert [(row["prompt"], row["text"], row["tokens"]) for row in rows] == [(p, g.text, g.tokens)
                                                                             for p, g in zip(prompts, want)]
 
 
 def test_cli_reports_bad_input_in_one_line(run_dir, tmp_path, capsys):
-  assert gen.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+  assert generate_cmd.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "nope" in err
-  assert gen.main(["--checkpoint", str(run_dir), "--prompt", "word " * 200]) == 2
+  assert generate_cmd.main(["--checkpoint", str(run_dir), "--prompt", "word " * 200]) == 2
   assert "leaves no room to generate" in capsys.readouterr().err
-  assert gen.main(["--checkpoint", str(run_dir), "--prompt_file", str(tmp_path / "missing.txt")]) == 2
+  assert generate_cmd.main(["--checkpoint", str(run_dir), "--prompt_file", str(tmp_path / "missing.txt")]) == 2
 
 
 def test_cli_command_streams_one_prompt(run_dir, tok):
   r = subprocess.run([sys.executable, "-m", "mimix_jax.generate", "--checkpoint", str(run_dir), "--prompt",
                       "The king", "--greedy", "--max_new_tokens", "8"], capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
-  model, _ = checkpoint.load_model(run_dir)
-  [g] = gen.generate(model, tok, ["The king"], sampling=GREEDY, max_new_tokens=8)
+  [g] = generation.generate(run_engine(run_dir), tok, ["The king"], sampling=GREEDY, max_new_tokens=8)
   assert r.stdout == g.text + "\n"

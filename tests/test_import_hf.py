@@ -12,11 +12,14 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from mimix_jax import checkpoint as ckpt
-from mimix_jax import export as export_lib
-from mimix_jax import hf_format
+from conftest import train_tokenizer
 from mimix_jax import import_hf as import_lib
-from mimix_jax import tokenizer as tokenizer_lib
+from mimix_jax.hf import files as hf_files
+from mimix_jax.hf.configs import UnsupportedConfig
+from mimix_jax.hf.tokenizer import MIMIX_TOKENIZER_CONFIG
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.text import tokenizer as tokenizer_lib
+from mimix_jax.training import checkpoints, run_dir as run_dir_lib
 
 BOOK = Path(__file__).resolve().parents[1] / "data" / "corpus" / "train" / "devils_dictionary.txt.gz"
 
@@ -32,8 +35,7 @@ def _llama_config(vocab_size: int, **overrides) -> transformers.LlamaConfig:
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   out = tmp_path_factory.mktemp("tok") / "tokenizer"
-  tokenizer_lib.train([str(BOOK)], vocab_size=900, output=out, num_special_tokens=12)
-  return tokenizer_lib.Tokenizer.load(out)
+  return tokenizer_lib.Tokenizer.load(train_tokenizer([BOOK], 900, out, "--num_special_tokens", "12"))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def hf_dir(tok, tmp_path_factory):
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(_llama_config(tok.vocab_size)).to(torch.bfloat16)
   model.save_pretrained(out)
-  export_lib.write_tokenizer(out, tok, max_len=64)
-  (out / hf_format.MIMIX_TOKENIZER_CONFIG).unlink()
+  hf_files.write_tokenizer(out, tok, max_len=64)
+  (out / MIMIX_TOKENIZER_CONFIG).unlink()
   return out
 
 
@@ -53,7 +55,8 @@ def test_imported_llama_matches_transformers_logits(tok, hf_dir, tmp_path, capsy
   run_dir = tmp_path / "run"
   assert import_lib.main(["--model", str(hf_dir), "--output", str(run_dir)]) == 0
   assert "imported" in capsys.readouterr().out
-  model, info = ckpt.load_model(run_dir)
+  info = run_dir_lib.read_run_info(run_dir)
+  model = model_lib.from_params(info.model, checkpoints.load_params(run_dir))
   assert (info.model.rope_base, info.model.norm_eps, info.model.n_kv_heads) == (10000.0, 1e-6, 1)
   assert info.step_dir.name == "0"
   imported_tok = tokenizer_lib.Tokenizer.load(info.tokenizer_dir)
@@ -97,15 +100,15 @@ def test_unsupported_configs_are_rejected_naming_the_field(hf_dir, tmp_path, cap
 def test_biases_and_untied_heads_in_the_weights_are_rejected(tok, tmp_path):
   biased = tmp_path / "biased"
   transformers.LlamaForCausalLM(_llama_config(tok.vocab_size, attention_bias=True)).save_pretrained(biased)
-  export_lib.write_tokenizer(biased, tok, max_len=64)
+  hf_files.write_tokenizer(biased, tok, max_len=64)
   _edit_config(biased, tmp_path / "lying", attention_bias=False)  # the config hides the bias tensors
-  with pytest.raises(hf_format.UnsupportedConfig, match="q_proj.bias"):
+  with pytest.raises(UnsupportedConfig, match="q_proj.bias"):
     import_lib.import_hf(tmp_path / "lying", tmp_path / "run")
 
   untied = tmp_path / "untied"
   transformers.LlamaForCausalLM(_llama_config(tok.vocab_size, tie_word_embeddings=False)).save_pretrained(untied)
   _edit_config(untied, tmp_path / "untied_claims_tied", tie_word_embeddings=True)
-  with pytest.raises(hf_format.UnsupportedConfig, match="lm_head.weight differs"):
+  with pytest.raises(UnsupportedConfig, match="lm_head.weight differs"):
     import_lib.import_hf(tmp_path / "untied_claims_tied", tmp_path / "run")
 
 
@@ -116,5 +119,5 @@ def test_tokenizer_without_our_special_tokens_is_rejected(tok, hf_dir, tmp_path)
   spm.SentencePieceTrainer.train(input=str(tmp_path / "book.txt"), model_prefix=str(tmp_path / "plain"),
                                  vocab_size=tok.vocab_size, model_type="bpe", minloglevel=2)
   shutil.copyfile(tmp_path / "plain.model", src / "tokenizer.model")
-  with pytest.raises(hf_format.UnsupportedConfig, match=r"no <\|begin_of_text\|> piece"):
+  with pytest.raises(UnsupportedConfig, match=r"no <\|begin_of_text\|> piece"):
     import_lib.import_hf(src, tmp_path / "run")

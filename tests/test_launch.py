@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mimix_jax import config as config_lib
+from mimix_jax.training import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (REPO / "launch").rglob("*") if p.suffix in (".sh", ".sbatch") and p.name != "common.sh")

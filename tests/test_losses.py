@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimix_jax import losses, sharding
+from mimix_jax.model import sharding
+from mimix_jax.model.logprobs import token_nll
+from mimix_jax.training import losses
 
 B, T, D, VOCAB, PADDED = 3, 16, 8, 37, 40  # 3 padded vocabulary rows that must never be predicted
 
@@ -66,7 +68,7 @@ def test_fused_loss_in_bfloat16_stays_close_to_float32():
 
 def test_token_nll_and_fused_loss_agree_and_a_bad_chunk_is_refused():
   h, table, targets, weights = inputs(3)
-  nll, _ = losses.token_nll(h, table, targets, VOCAB, chunk=4)
+  nll, _ = token_nll(h, table, targets, VOCAB, chunk=4)
   total, _ = losses.fused_token_loss(h, table, targets, weights, VOCAB, 0.0, 0)
   np.testing.assert_allclose(float(jnp.sum(nll * weights)), float(total), rtol=1e-6)
   with pytest.raises(ValueError, match="loss_chunk 5 does not divide the sequence length 16"):

@@ -15,7 +15,7 @@ import pytest
 from conftest import DPO_FILE, SFT_DIR, SMALL_BOOKS, run_preprocess
 from mimix_jax.data import readers
 from mimix_jax.data.packing import DocumentPacker
-from mimix_jax.data.shards import ShardWriter, read_manifest
+from mimix_jax.data.shards import LAYOUTS, ShardWriter, read_manifest
 
 
 def load_sequences(shard_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
@@ -305,7 +305,7 @@ def test_packing_predicts_every_document_token_exactly_once(tmp_path):
     docs = [[bos, *rng.integers(10, 99, rng.integers(0, 20)).tolist(), eos] for _ in range(rng.integers(1, 6))]
     out = tmp_path / str(trial)
     out.mkdir()
-    writer = ShardWriter(out, "pretrain", vocab_size=100, shard_tokens=1 << 20)
+    writer = ShardWriter(out, LAYOUTS["pretrain"], vocab_size=100, shard_tokens=1 << 20)
     packer = DocumentPacker(row_len, writer, pad, block_rows=int(rng.integers(1, 4)))
     for d in docs:
       cuts = np.sort(rng.choice(np.arange(1, len(d)), min(len(d) - 1, int(rng.integers(0, 4))), replace=False))

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mimix_jax import losses
-from mimix_jax import model as model_lib
-from mimix_jax.model_config import ModelConfig
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.model.config import ModelConfig
+from mimix_jax.training import losses
 
 CFG = ModelConfig(vocab_size=2000, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=128)
 DIALOG = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is AI?"},

@@ -10,7 +10,9 @@ import pytest
 
 from conftest import CORPUS_TRAIN, SMALL_BOOKS, TEST_VOCAB
 from mimix_jax import tokenizer
-from mimix_jax.tokenizer import CHUNK_CHARS, NAMED_SPECIALS, StreamDecoder, Tokenizer, split_for_encoding
+from mimix_jax.text import tokenizer as tokenizer_lib, training
+from mimix_jax.text.splitting import CHUNK_CHARS, split_for_encoding
+from mimix_jax.text.tokenizer import NAMED_SPECIALS, StreamDecoder, Tokenizer
 
 AWKWARD = [
     "",
@@ -67,9 +69,9 @@ def test_special_tokens_are_single_ids_with_documented_layout(tok):
   assert tok.vocab_size == TEST_VOCAB
   assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.start_header_id, tok.end_header_id, tok.pad_id) == (1, 2, 3, 4, 5, 6)
   assert tok.stop_ids == (tok.eos_id, tok.eot_id)
-  assert len(tok.special_tokens) == tokenizer.DEFAULT_NUM_SPECIAL
+  assert len(tok.special_tokens) == tokenizer_lib.DEFAULT_NUM_SPECIAL
   ids = [i for _, i in tok.special_tokens.values()]
-  assert sorted(ids) == list(range(1, 1 + tokenizer.DEFAULT_NUM_SPECIAL))
+  assert sorted(ids) == list(range(1, 1 + tokenizer_lib.DEFAULT_NUM_SPECIAL))
   for name, string in NAMED_SPECIALS.items():
     assert tok.special_tokens[name][0] == string
   for string, idx in tok.special_tokens.values():
@@ -93,7 +95,7 @@ def test_special_token_strings_in_user_text_are_not_control_tokens(tok):
 
 
 def _reference_dialog(tok, messages):
-  """Spec §3.4, written out: full token list, and the reference's label stream (pad = no loss)."""
+  """The original's chat format, written out: full token list, and its label stream (pad = no loss)."""
   full, labels = [tok.bos_id], [tok.pad_id]
   for m in messages:
     header = [tok.start_header_id, *tok.encode(m["role"]), tok.end_header_id, *tok.encode("\n\n")]
@@ -145,18 +147,18 @@ def test_stream_decoder_only_emits_complete_characters(tok):
 def test_sampling_is_seeded_uniform_and_bounded():
   texts = [gzip.open(p, "rt", encoding="utf-8").read() for p in sorted(CORPUS_TRAIN.glob("*.gz"))]
   total = sum(len(t) for t in texts)
-  sample, stats = tokenizer.sample_sentences(texts, max_sentences=10**9, max_chars=total // 5, seed=1)
+  sample, stats = training.sample_sentences(texts, max_sentences=10**9, max_chars=total // 5, seed=1)
   assert stats["chars_sampled"] == sum(map(len, sample)) <= total // 5
   assert stats["chars_seen"] == total
-  again, _ = tokenizer.sample_sentences(texts, max_sentences=10**9, max_chars=total // 5, seed=1)
-  other, _ = tokenizer.sample_sentences(texts, max_sentences=10**9, max_chars=total // 5, seed=2)
+  again, _ = training.sample_sentences(texts, max_sentences=10**9, max_chars=total // 5, seed=1)
+  other, _ = training.sample_sentences(texts, max_sentences=10**9, max_chars=total // 5, seed=2)
   assert sample == again and sample != other
   # Uniform across files: every book contributes roughly its share (20%) of its chunks.
   for text in texts:
     chunks = set(split_for_encoding(text))
     share = sum(c in chunks for c in sample) / len(split_for_encoding(text))
     assert 0.1 < share < 0.3
-  few, stats = tokenizer.sample_sentences(texts, max_sentences=100, max_chars=10**12, seed=0)
+  few, stats = training.sample_sentences(texts, max_sentences=100, max_chars=10**12, seed=0)
   assert len(few) == stats["sentences_sampled"] == 100
 
 
@@ -175,7 +177,7 @@ def test_cli_trains_reproducibly_from_jsonl_and_reports(tmp_path, capsys):
   assert hashes[0] == hashes[1]
   tok = Tokenizer.load(tmp_path / "a")
   assert tok.vocab_size == 600 and len(tok.special_tokens) == 16
-  report = json.loads((tmp_path / "a" / tokenizer.REPORT_FILE).read_text())
+  report = json.loads((tmp_path / "a" / tokenizer_lib.REPORT_FILE).read_text())
   assert report["chars_sampled"] <= 60000 < report["chars_seen"]
   assert report["records"] == text.count("\n\n") + 1
   out = capsys.readouterr().out

@@ -4,6 +4,7 @@ Batches are real text from the shipped corpus, as byte ids (no tokenizer needed 
 """
 
 import gzip
+import logging
 from pathlib import Path
 
 import jax
@@ -11,12 +12,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mimix_jax import checkpoint, config as config_lib, losses, sharding, trainer as trainer_lib
-from mimix_jax import model as model_lib
+from mimix_jax.model import sharding
+from mimix_jax.model import transformer as model_lib
+from mimix_jax.training import checkpoints, config as config_lib, losses, objectives
+from mimix_jax.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = dict(vocab_size=260, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_len=32, vocab_multiple=8,
+MODEL = dict(vocab_size=260, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, vocab_multiple=8,
              attention_q_block=8)
+MAX_LEN = 32
 
 
 def text_batch(batch: int, length: int, offset: int = 0, packed: bool = True) -> dict[str, np.ndarray]:
@@ -38,7 +42,7 @@ def text_batch(batch: int, length: int, offset: int = 0, packed: bool = True) ->
 def make_cfg(**overrides) -> ml_collections.ConfigDict:
   cfg = config_lib.defaults()
   cfg.model = dict(MODEL)
-  cfg.max_len = MODEL["max_len"]
+  cfg.max_len = MAX_LEN
   cfg.batch_size, cfg.total_steps = 8, 50
   cfg.optimizer.update(lr=3e-3, warmup_steps=2)
   for key, value in overrides.items():
@@ -50,14 +54,17 @@ def make_cfg(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def build(cfg, mesh) -> TrainStep:
+  return TrainStep(cfg, objectives.from_config(cfg), mesh)
+
+
 def run_steps(cfg, mesh, batches, params=None):
-  tr = trainer_lib.build(cfg, config_lib.model_config(cfg), mesh)
+  tr = build(cfg, mesh)
   with sharding.activate(mesh):
     state = tr.init_state(cfg.seed, params)
-    step = tr.train_step()
     losses_ = []
     for b in batches:
-      state, m = step(state, tr.device_batch(b), None)
+      state, m = tr(state, tr.device_batch(b))
       losses_.append(float(m["loss"]))
   return losses_, jax.tree.map(np.asarray, state["params"]), tr
 
@@ -98,13 +105,13 @@ def test_gradient_accumulation_4x2_equals_batch_8():
 def test_non_finite_gradient_skips_the_update():
   cfg = make_cfg()
   mesh = one_device_mesh()
-  tr = trainer_lib.build(cfg, config_lib.model_config(cfg), mesh)
+  tr = build(cfg, mesh)
   with sharding.activate(mesh):
     state = tr.init_state(0)
     before = jax.tree.map(np.asarray, state["params"])
     bad = text_batch(8, 32)
     bad["loss_mask"] = bad["loss_mask"] * np.float32("nan")
-    state, m = tr.train_step()(state, tr.device_batch(bad), None)
+    state, m = tr(state, tr.device_batch(bad))
   assert not bool(m["finite"])
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state["params"]))
   assert int(state["step"]) == 1
@@ -112,13 +119,13 @@ def test_non_finite_gradient_skips_the_update():
 
 def test_weight_decay_skips_norms_and_embedding():
   cfg = make_cfg(**{"optimizer.lr": 1e-2, "optimizer.weight_decay": 0.5, "optimizer.clip_norm": 0.0})
-  tr = trainer_lib.build(cfg, config_lib.model_config(cfg), one_device_mesh())
+  tr = build(cfg, one_device_mesh())
   zero_batch = text_batch(8, 32)
   zero_batch["loss_mask"][:] = 0  # no gradient at all: only weight decay can move params
   with sharding.activate(tr.mesh):
     state = tr.init_state(0)
     before = jax.tree.map(np.asarray, state["params"])
-    state, _ = tr.train_step()(state, tr.device_batch(zero_batch), None)
+    state, _ = tr(state, tr.device_batch(zero_batch))
   after = jax.tree.map(np.asarray, state["params"])
   np.testing.assert_array_equal(before["embed"], after["embed"])
   np.testing.assert_array_equal(before["layers"]["attn_norm"], after["layers"]["attn_norm"])
@@ -131,25 +138,25 @@ def test_checkpoint_from_8_devices_restores_on_1_device_with_the_same_next_loss(
   cfg = make_cfg()
   batches = [text_batch(8, 32, offset=i * 400) for i in range(3)]
   mesh8 = sharding.make_mesh(2, 2, 2)
-  tr8 = trainer_lib.build(cfg, config_lib.model_config(cfg), mesh8)
+  tr8 = build(cfg, mesh8)
   with sharding.activate(mesh8):
     state = tr8.init_state(0)
-    step8 = tr8.train_step()
+    step8 = tr8
     for b in batches[:2]:
-      state, _ = step8(state, tr8.device_batch(b), None)
-    ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=2)
+      state, _ = step8(state, tr8.device_batch(b))
+    ckpt = checkpoints.TrainCheckpointer(tmp_path, keep=2)
     ckpt.save(2, state, b'{"position": 2}', {"nonfinite_run": 0})
     ckpt.close()
-    _, expected = step8(state, tr8.device_batch(batches[2]), None)
+    _, expected = step8(state, tr8.device_batch(batches[2]))
 
   mesh1 = one_device_mesh()
-  tr1 = trainer_lib.build(cfg, config_lib.model_config(cfg), mesh1)
-  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=2)
+  tr1 = build(cfg, mesh1)
+  ckpt = checkpoints.TrainCheckpointer(tmp_path, keep=2)
   restored, data_state, meta = ckpt.restore(2, tr1.abstract_state, tr1.state_shardings)
   assert data_state == b'{"position": 2}' and meta["step"] == 2
   assert restored["params"]["embed"].sharding.device_set == {jax.devices()[0]}
   with sharding.activate(mesh1):
-    _, got = tr1.train_step()(restored, tr1.device_batch(batches[2]), None)
+    _, got = tr1(restored, tr1.device_batch(batches[2]))
   np.testing.assert_allclose(float(got["loss"]), float(expected["loss"]), rtol=1e-5)
 
 
@@ -157,9 +164,9 @@ def test_impossible_layouts_are_refused_with_a_clear_message():
   if jax.device_count() < 8:
     pytest.skip("needs 8 virtual devices")
   with pytest.raises(ValueError, match="not divisible by the data-parallel size"):
-    trainer_lib.build(make_cfg(batch_size=6), config_lib.model_config(make_cfg()), sharding.make_mesh(1, 8, 1))
-  with pytest.raises(ValueError, match="n_kv_heads 2 is not divisible by mesh tensor size 4"):
-    trainer_lib.build(make_cfg(), config_lib.model_config(make_cfg()), sharding.make_mesh(1, 2, 4))
+    build(make_cfg(batch_size=6), sharding.make_mesh(1, 8, 1))
+  with pytest.raises(ValueError, match="n_kv_heads 2 is not divisible by mesh.tensor 4"):
+    build(make_cfg(), sharding.make_mesh(1, 2, 4))
   with pytest.raises(ValueError, match="needs 6 devices"):
     sharding.make_mesh(1, 3, 2)
 
@@ -175,7 +182,7 @@ def numpy_dpo(policy, reference, counts, beta, label_smoothing=0.0):
 
 
 def test_dpo_loss_matches_numpy_float64_with_padding_and_different_lengths():
-  model_cfg = config_lib.model_config(make_cfg(stage="dpo"))
+  model_cfg = config_lib.model_config(make_cfg(objective="dpo"))
   policy, reference = model_lib.create(model_cfg, 1), model_lib.create(model_cfg, 2)
   b = text_batch(6, 32)
   pair = {k: np.stack([v, np.roll(v, 7, axis=0)], 1) for k, v in b.items() if k != "index"}
@@ -216,3 +223,23 @@ def test_fully_truncated_pairs_give_zero_loss_not_nan():
   terms = losses.dpo_terms(logps, logps - 1, counts, beta=0.1)
   assert np.all(np.isfinite(np.asarray(terms["dpo"]))) and float(terms["valid"][1]) == 0
   assert float(terms["dpo"][1]) == 0 and float(terms["sft"][1]) == 0
+
+
+def test_an_evaluation_every_step_compiles_the_eval_function_once(tmp_path, pretrain_shards, tokenizer_dir, caplog):
+  from test_train import SMALL_MODEL
+  from mimix_jax.training import loop
+  cfg = config_lib.load("configs/tiny.py:pretrain", [
+      f"--config.data.train_path={pretrain_shards}", f"--config.data.eval_path={pretrain_shards}",
+      f"--config.tokenizer_path={tokenizer_dir}", "--config.init_from=", "--config.max_len=64",
+      "--config.batch_size=8", "--config.total_steps=4", "--config.eval_every=1", "--config.eval_steps=2",
+      "--config.log_every=1", *SMALL_MODEL])
+  caplog.set_level(logging.WARNING)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    assert loop.run(cfg, tmp_path / "run") == 0
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation of" in r.getMessage()]
+  assert sum("jit(_loss)" in m for m in compiled) == 1, compiled
+  assert sum("jit(_train_fn)" in m for m in compiled) == 1, compiled
+  assert len((tmp_path / "run" / "eval.jsonl").read_text().splitlines()) == 4

@@ -14,6 +14,7 @@ contents do not depend on `worker_count`, and the iterator state is just the nex
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import sys
 from typing import Callable, Iterator, TypeVar
@@ -21,6 +22,7 @@ from typing import Callable, Iterator, TypeVar
 import grain
 import numpy as np
 
+from mimix_jax.data import batch as batch_lib
 from mimix_jax.data.shards import ShardSource, read_manifest
 
 __all__ = ["make_iterator", "read_manifest", "finalize", "prefetch_to_device"]
@@ -28,29 +30,16 @@ __all__ = ["make_iterator", "read_manifest", "finalize", "prefetch_to_device"]
 T = TypeVar("T")
 
 
-def finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Stored sequences [..., R] -> model inputs [..., T] with T = R - 1.
-
-  inputs = tokens[:-1], targets = tokens[1:]; loss_mask = 1 where the target is a training target (stored
-  loss mask) in the same segment as its input (so never the first token of the next document, never padding);
-  segment_ids are the inputs' (0 = padding); positions count from 0 at each segment start.
-  """
-  tokens, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
-  inputs, targets = tokens[..., :-1], tokens[..., 1:]
-  seg_in, seg_tgt = seg[..., :-1], seg[..., 1:]
-  loss_mask = (mask[..., 1:] != 0) & (seg_tgt == seg_in) & (seg_tgt != 0)
-  t = np.arange(inputs.shape[-1])
-  starts = np.ones(seg_in.shape, bool)
-  starts[..., 1:] = seg_in[..., 1:] != seg_in[..., :-1]
-  positions = t - np.maximum.accumulate(np.where(starts, t, 0), axis=-1)
-  return {
-      "inputs": inputs.astype(np.int32),
-      "targets": targets.astype(np.int32),
-      "loss_mask": loss_mask.astype(np.float32),
-      "segment_ids": seg_in.astype(np.int32),
-      "positions": positions.astype(np.int32),
-      "index": batch["index"].astype(np.int64),
-  }
+def finalize(batch: dict[str, np.ndarray], reference_logps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """A batch of stored records -> the batch schema (data/batch.py), plus `index`; with a reference table [N, 2],
+  also each record's reference log-probs (padding rows, index -1, get zeros)."""
+  out = {**batch_lib.from_sequences(batch["tokens"], batch["segment_ids"], batch["loss_mask"]),
+         "index": batch["index"].astype(np.int64)}
+  if reference_logps is not None:
+    index = out["index"]
+    out[batch_lib.REFERENCE_LOGPS] = np.where((index >= 0)[:, None], reference_logps[np.maximum(index, 0)], 0.0
+                                              ).astype(np.float32)
+  return out
 
 
 class _Padded(grain.MapDataset):
@@ -89,13 +78,14 @@ def make_iterator(
     drop_remainder: bool = True,
     read_threads: int = 1,
     prefetch_batches: int = 4,
+    reference_logps: np.ndarray | None = None,
 ) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's batches (global_batch_size // process_count rows).
 
-  Each batch is a dict of numpy arrays (b = per-process batch, T = max_len of the shards):
-    pretrain/sft: inputs, targets int32 [b, T]; loss_mask float32 [b, T]; segment_ids, positions int32 [b, T]
-    dpo: the same keys shaped [b, 2, T] (0 = chosen, 1 = rejected)
-    all: index int64 [b], the record's global index in the shards (-1 for padding rows).
+  Each batch is a dict of numpy arrays (b = per-process batch, T = max_len of the shards), data/batch.py's FIELDS:
+    pretrain/sft: [b, T]; dpo: [b, 2, T] (0 = chosen, 1 = rejected)
+    index int64 [b], the record's global index in the shards (-1 for padding rows)
+    reference_logps float32 [b, 2], when a table [N, 2] is given (`reference_logps`).
   num_epochs None repeats forever. With drop_remainder=False (and a finite num_epochs) the stream is padded
   with all-padding rows (loss_mask 0, segment_ids 0) so every process yields the same number of full batches.
   """
@@ -124,7 +114,7 @@ def make_iterator(
       per_process = -(-per_process // batch) * batch
       ds = _Padded(ds, per_process * process_count, source.padding_record())
   ds = ds[process_index::process_count]
-  ds = ds.batch(batch, drop_remainder=drop_remainder).map(finalize)
+  ds = ds.batch(batch, drop_remainder=drop_remainder).map(functools.partial(finalize, reference_logps=reference_logps))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
   if worker_count > 0:
     _ensure_absl_flags_parsed()

@@ -8,7 +8,7 @@ validation happen later, in the workers, through `parse`. Nothing reads a whole 
 A .txt file is one document, or several separated by lines consisting of exactly `<|endoftext|>` (the
 reference splits on a regex that also cuts at every `<`, `>` and the bare word; we split on the whole line).
 Documents larger than `TXT_PART_BYTES` are yielded in parts cut at paragraph boundaries, so a 10 GB book
-never sits in memory and still tokenizes exactly as if it were whole (see `tokenizer.split_for_encoding`).
+never sits in memory and still tokenizes exactly as if it were whole (text/splitting.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from mimix_jax.text import splitting
+
 # Skip reasons (the keys of the manifest's `skipped` mapping).
 MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
@@ -40,7 +42,7 @@ TXT_PART_BYTES = 1 << 20
 TXT_MAX_HOLD = 1 << 24
 _TXT_SEP = re.compile(rb"^<\|endoftext\|>\r?\n", re.M)  # a separator line (complete: its newline was read)
 _TXT_SEP_AT_EOF = re.compile(rb"^<\|endoftext\|>\r?(?:\n|\Z)", re.M)
-_PARAGRAPH_CUT = re.compile(rb"\n\r?\n(?=[^\r\n])")  # the same cut as tokenizer.split_for_encoding
+_PARAGRAPH_CUT = re.compile(splitting.PARAGRAPH_BREAK.encode())  # parts end where the tokenizer cuts anyway
 
 
 class InputError(ValueError):

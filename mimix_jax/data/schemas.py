@@ -8,8 +8,10 @@ records. Every problem raises `RecordError` with a reason key that preprocessing
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
+from mimix_jax.data import readers
 from mimix_jax.data.readers import EMPTY_TEXT, MISSING_FIELD, WRONG_TYPE, RecordError
 
 BAD_ROLE = "bad_role"
@@ -40,6 +42,52 @@ def text_of(record: Any, fields: Sequence[str] = TEXT_FIELDS) -> str:
   if not text.strip():
     raise RecordError(EMPTY_TEXT, f"text field {fields[0]!r} is empty" if len(fields) == 1 else "text is empty")
   return text
+
+
+Problem = tuple[str, str, str]  # (loc, reason, detail) of a skipped record or line
+
+
+def item_text(item: readers.Item, fields: Sequence[str] = TEXT_FIELDS, messages: bool = False
+              ) -> tuple[str | None, list[Problem]]:
+  """The text of one raw item (None if it has none) and the problems found on the way.
+
+  .txt parts are taken as they are, minus lines that are not valid UTF-8 (each one a problem; a wholly empty
+  document is one too); records give their `fields` joined with a newline, or with `messages`, the contents of
+  a message-list field (for tokenizer training).
+  """
+  problems: list[Problem] = []
+  try:
+    if item.kind == "error":
+      raise RecordError(*item.payload)
+    if item.kind == "text":
+      text, problems = readers.decode_text(item)
+      if item.first and item.last and not text.strip():
+        raise RecordError(EMPTY_TEXT, "the document is empty")
+      return text, problems
+    record = readers.parse(item)
+    if messages and isinstance(record, dict):
+      lists = [(f, record[f]) for f in fields if isinstance(record.get(f), list)]
+      if lists:
+        return "\n".join(m["content"] for f, value in lists for m in messages_of(value, f)), problems
+    return text_of(record, fields), problems
+  except RecordError as e:
+    return None, [*problems, (item.loc, e.reason, e.detail)]
+
+
+def iter_texts(paths: Sequence[Path], fields: Sequence[str], stats: dict, messages: bool = False) -> Iterator[str]:
+  """The texts of every item in `paths` (item_text); records, skip reasons and the first examples go to `stats`."""
+  skipped = stats.setdefault("skipped", {})
+  examples = stats.setdefault("skipped_examples", [])
+  for path in paths:
+    for item in readers.iter_items(path, columns=fields):
+      stats["records"] = stats.get("records", 0) + item.first  # later parts of a .txt document are not new records
+      text, problems = item_text(item, fields, messages)
+      for loc, reason, detail in problems:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if len(examples) < 5:
+          examples.append(f"{loc}: {reason}: {detail}")
+      if text is not None:
+        yield text
 
 
 def messages_of(value: Any, field: str) -> list[Message]:

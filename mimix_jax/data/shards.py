@@ -15,6 +15,7 @@ image ships without array_record). Offsets make every record O(1) to find.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,22 @@ import numpy as np
 
 FORMAT = "mimix-npy-shards"
 FORMAT_VERSION = 1
-SEQUENCES_PER_RECORD = {"pretrain": 1, "sft": 1, "dpo": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a preprocessing stage stores (the manifest's `stage` names it)."""
+
+  sequences_per_record: int  # 2 for a preference pair: chosen, then rejected
+  stores_loss_mask: bool  # pretrain trains on every token inside a document, so it stores no mask
+  chat: bool  # conversations in the chat template: a model trained on them is a chat model
+
+
+LAYOUTS = {
+    "pretrain": Layout(sequences_per_record=1, stores_loss_mask=False, chat=False),
+    "sft": Layout(sequences_per_record=1, stores_loss_mask=True, chat=True),
+    "dpo": Layout(sequences_per_record=2, stores_loss_mask=True, chat=True),
+}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -42,10 +58,10 @@ class ShardWriter:
   sequence lengths (a multiple of the sequences per record). Memory is bounded by one shard.
   """
 
-  def __init__(self, directory: Path, stage: str, vocab_size: int, shard_tokens: int):
+  def __init__(self, directory: Path, layout: Layout, vocab_size: int, shard_tokens: int):
     self.directory = Path(directory)
-    self.per_record = SEQUENCES_PER_RECORD[stage]
-    self.with_mask = stage != "pretrain"  # pretrain targets are every token inside a document
+    self.per_record = layout.sequences_per_record
+    self.with_mask = layout.stores_loss_mask
     self.dtype = token_dtype(vocab_size)
     self.shard_tokens = shard_tokens
     self.shards: list[dict[str, Any]] = []
@@ -107,9 +123,10 @@ class ShardSource:
     self.path = Path(path)
     self.manifest = read_manifest(self.path)
     self.stage = self.manifest["stage"]
+    self.layout = LAYOUTS[self.stage]
     self.row_len = self.manifest["max_len"] + 1
     self.pad_id = self.manifest["pad_id"]
-    self.per_record = SEQUENCES_PER_RECORD[self.stage]
+    self.per_record = self.layout.sequences_per_record
     counts = [s["records"] for s in self.manifest["shards"]]
     self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self._arrays: list[dict[str, np.ndarray]] | None = None
@@ -125,7 +142,7 @@ class ShardSource:
       self._arrays = [None] * len(self.manifest["shards"])
     if self._arrays[k] is None:
       name = self.manifest["shards"][k]["name"]
-      keys = ("tokens", "segment_ids", "offsets") + (("loss_mask",) if self.stage != "pretrain" else ())
+      keys = ("tokens", "segment_ids", "offsets") + (("loss_mask",) if self.layout.stores_loss_mask else ())
       self._arrays[k] = {key: np.load(self.path / f"{name}.{key}.npy", mmap_mode="r") for key in keys}
     return self._arrays[k]
 
@@ -161,6 +178,6 @@ class ShardSource:
     }
 
   def _squeeze(self, record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if self.per_record == 2:
+    if self.per_record > 1:
       return record
     return {k: v if k == "index" else v[0] for k, v in record.items()}

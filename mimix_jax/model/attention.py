@@ -10,29 +10,18 @@ A query attends to a key iff they share a non-zero segment and the key's slot is
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimix_jax.model import rope
+
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked (padding) rows stay NaN-free
 
 
-@functools.lru_cache(maxsize=16)
-def rope_table(max_len: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-  """sin, cos tables [max_len, D/2], computed in float64 then stored float32 (as the reference does)."""
-  inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-  angles = np.arange(max_len, dtype=np.float64)[:, None] * inv_freq[None, :]
-  return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
-
-
 def apply_rope(x: jax.Array, positions: jax.Array, max_len: int, base: float) -> jax.Array:
-  """Rotate-half RoPE (GPT-NeoX / HF Llama): dim j pairs with dim j + D/2.
-
-  x: [B, T, N, D]; positions: [B, T] int. Computed in float32, returned in x.dtype.
-  """
-  sin, cos = rope_table(max_len, x.shape[-1], base)
+  """Rotate-half RoPE on x [B, T, N, D] at positions [B, T] int. Computed in float32, returned in x.dtype."""
+  sin, cos = rope.sin_cos(max_len, x.shape[-1], base)
   # Clip so padding positions (which may be -1) index a valid row; those tokens are masked anyway.
   pos = jnp.clip(positions, 0, max_len - 1)
   sin = jnp.asarray(sin)[pos][:, :, None, :]  # [B, T, 1, D/2]
@@ -41,8 +30,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_len: int, base: float) ->
   x1, x2 = jnp.split(xf, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
 def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, q_slot: jax.Array, kv_slot: jax.Array) -> jax.Array:
   """[B, T, S] bool: same non-zero segment and key slot <= query slot.
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from mimix_jax import io_utils
+
 # Dense (not sparse) bf16 peak TFLOP/s per device, by jax `device_kind` substring.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A800": 312.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
@@ -97,10 +99,9 @@ class MetricsLogger:
     ax.set_title(self.run_dir.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = self.run_dir / ".loss.png.tmp.png"
-    fig.savefig(tmp)
+    with io_utils.atomic_file(self.run_dir / "loss.png") as tmp:
+      fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(self.run_dir / "loss.png")
 
   def close(self) -> None:
     if self.enabled:
@@ -125,8 +126,5 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _truncate_after(path: Path, step: int) -> None:
   """On resume, drop records logged after the checkpoint we restart from: they will be logged again."""
-  records = [r for r in read_jsonl(path) if r["step"] <= step]
   if path.exists():
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    io_utils.write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step))

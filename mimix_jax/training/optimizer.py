@@ -8,18 +8,19 @@ import ml_collections
 import optax
 
 NO_DECAY = ("embed", "attn_norm", "mlp_norm", "final_norm")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Learning rate at optimizer step s (0-based).
 
-  Linear warmup that reaches the peak at step warmup_steps - 1 (the first update already moves: the reference's
+  Linear warmup that reaches the peak at step warmup_steps - 1 (the first update already moves: the original's
   DeepSpeed run alternated peak/0 in its first two updates), then cosine or linear decay to lr * min_lr_ratio at
   total_steps, or constant.
   """
   peak, warmup, floor = opt.lr, max(opt.warmup_steps, 0), opt.lr * opt.min_lr_ratio
-  if opt.schedule not in ("cosine", "linear", "constant"):
-    raise ValueError(f"optimizer.schedule must be cosine, linear or constant, got {opt.schedule!r}")
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.schedule!r}")
 
   def lr(step):
     step = jnp.asarray(step, jnp.float32)

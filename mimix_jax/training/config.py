@@ -1,9 +1,10 @@
 """Training configuration: the defaults every config file starts from, and how config files are loaded.
 
-A config file (configs/*.py) defines `get_config(stage)` returning an `ml_collections.ConfigDict`; it reads
-like a table of hyper-parameters on top of `defaults()`. On the command line:
-`--config configs/tiny.py:pretrain --config.optimizer.lr=3e-4`. ConfigDicts are locked, so a misspelt field
-fails loudly instead of being silently added.
+A config file (configs/*.py) defines `get_config(stage)` returning an `ml_collections.ConfigDict` for one stage
+of its recipe (e.g. `pretrain_2048`); it reads like a table of hyper-parameters on top of `defaults()`. The
+stage sets `objective` (what is optimised: pretrain | sft | dpo, training/objectives.py) among the rest. On the
+command line: `--config configs/tiny.py:pretrain --config.optimizer.lr=3e-4`. ConfigDicts are locked, so a
+misspelt field fails loudly instead of being silently added.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from mimix_jax.model_config import ModelConfig, preset
+from mimix_jax.model.config import ModelConfig, preset
+from mimix_jax.training import objectives
 
-STAGES = ("pretrain", "pretrain_2048", "sft", "dpo")
+
+def model_fields(model: ModelConfig) -> ml_collections.ConfigDict:
+  """A preset's fields for `c.model`, all but max_len: the stage's `max_len` sets the model's."""
+  fields = dataclasses.asdict(model)
+  del fields["max_len"]
+  return ml_collections.ConfigDict(fields)
 
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "pretrain"  # which loss and data layout: pretrain | sft | dpo (pretrain_2048 is a pretrain)
+  c.objective = "pretrain"  # what is optimised: pretrain | sft | dpo (training/objectives.py)
   c.seed = 0  # every random choice (init, data order, dropout-free sampling) derives from this
-  c.model = dataclasses.asdict(preset("tiny"))
-  c.max_len = c.model.max_len  # training sequence length; also written to the model's max_len
+  c.model = model_fields(preset("tiny"))
+  c.max_len = preset("tiny").max_len  # training sequence length, and the model's context
   c.batch_size = 8  # global, in sequences (pairs for DPO), per optimizer step
   c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
   c.loss_chunk = 0  # positions per cross-entropy chunk (bounds [B, chunk, V] logits memory); 0 = all at once
@@ -47,8 +54,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.01
-  c.optimizer.decay_norms_and_embeddings = False  # the reference decays everything; we don't by default
-  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 disables (the reference runs had none)
+  c.optimizer.decay_norms_and_embeddings = False  # the original decays everything; we don't by default
+  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 disables (the original's runs had none)
   c.optimizer.z_loss = 0.0  # weight of mean(logsumexp^2); 0 disables
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 takes the remaining devices
@@ -65,11 +72,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.1
   c.dpo.loss_type = "sigmoid"  # sigmoid | ipo
   c.dpo.label_smoothing = 0.0  # cDPO
-  # loss = dpo_weight * DPO + sft_weight * SFT(chosen). The reference: dpo_weight 0.1, sft_weight 1 (sft + 0.1 dpo);
+  # loss = dpo_weight * DPO + sft_weight * SFT(chosen). The original: dpo_weight 0.1, sft_weight 1 (sft + 0.1 dpo);
   # TRL's RPO: dpo_weight 1, sft_weight alpha; plain DPO: 1, 0.
   c.dpo.dpo_weight = 1.0
   c.dpo.sft_weight = 0.0
-  c.dpo.reference = "precompute"  # precompute (one no-grad pass, policy only in memory) | frozen (a copy)
   return c
 
 
@@ -122,9 +128,8 @@ def _parse_like(old: Any, value: str, key: str) -> Any:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Refuses impossible settings with one clear line each."""
-  if cfg.stage not in ("pretrain", "sft", "dpo"):
-    raise ValueError(f"config.stage must be pretrain, sft or dpo, got {cfg.stage!r}")
-  if cfg.batch_size % cfg.grad_accum_steps:
+  objectives.from_config(cfg)  # checks the objective's own fields
+  if cfg.grad_accum_steps < 1 or cfg.batch_size % cfg.grad_accum_steps:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps {cfg.grad_accum_steps}")
   if cfg.data.prefetch < 0:
     raise ValueError(f"data.prefetch must be >= 0, got {cfg.data.prefetch}")

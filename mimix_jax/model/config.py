@@ -1,13 +1,17 @@
-"""Model hyper-parameters and the reference presets.
+"""Model hyper-parameters, the parameter table of a layer, and the presets of the original.
 
-The presets are the reference MimixLM table (spec §1.3) plus `tiny`, which trains in seconds on a CPU.
-Parameter counts are exact at the default vocabulary (`param_count` is tested against the reference).
+The presets are the original MimixLM table plus `tiny`, which trains in seconds on a CPU. Parameter counts are
+exact at the default vocabulary (`param_count` is tested against the original's published numbers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+ATTENTION_KERNELS = ("xla", "fused", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,20 +36,24 @@ class ModelConfig:
   # "xla" attention without a cache runs queries in blocks of this many and skips the keys the causal mask
   # discards (0 = one block): less work, the same result (attention.causal_attention).
   attention_q_block: int = 64
-  remat: str = "none"  # "none" | "full" | "save_dots" (see model.REMAT_POLICIES)
+  # What the backward pass keeps of each layer: "none" everything, "save_dots" the matmul outputs (recomputing
+  # norms, RoPE, softmax and the FFN's elementwise ops), "full" nothing but the layer's input.
+  remat: str = "none"
   # Run the layers under lax.scan (compile time independent of depth) or as an unrolled loop over the same
   # stacked weights: on XLA:CPU the scan's per-layer weight slices and stacked activations cost ~20% of a step.
   scan_layers: bool = True
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
-      raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+      raise ValueError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads}")
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-    if self.attention not in ("xla", "fused", "cudnn"):
-      raise ValueError(f"attention must be 'xla', 'fused' or 'cudnn', got {self.attention!r}")
+      raise ValueError(f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads {self.n_kv_heads}")
     if (self.d_model // self.n_heads) % 2:
-      raise ValueError("head_dim must be even for rotate-half RoPE")
+      raise ValueError("model.d_model / model.n_heads (the head dim) must be even for rotate-half RoPE")
+    if self.attention not in ATTENTION_KERNELS:
+      raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
 
   @property
   def head_dim(self) -> int:
@@ -56,14 +64,29 @@ class ModelConfig:
     m = max(1, self.vocab_multiple)
     return -(-self.vocab_size // m) * m
 
+  def layer_params(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """name -> (one layer's shape, its logical axes); the model stacks each along a leading `layers` axis.
+
+    d model width, H / K query / kv heads, D head dim, F FFN width.
+    """
+    d, h, k, hd, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+    return {
+        "attn_norm": ((d,), ("norm",)),
+        "wq": ((d, h, hd), ("embed", "q_heads", "head_dim")),
+        "wk": ((d, k, hd), ("embed", "kv_heads", "head_dim")),
+        "wv": ((d, k, hd), ("embed", "kv_heads", "head_dim")),
+        "wo": ((h, hd, d), ("q_heads", "head_dim", "embed")),
+        "mlp_norm": ((d,), ("norm",)),
+        "w_gate": ((d, f), ("embed", "mlp")),
+        "w_up": ((d, f), ("embed", "mlp")),
+        "w_down": ((f, d), ("mlp", "embed")),
+    }
+
   def param_count(self, padded: bool = False) -> int:
-    """Exact parameter count; `padded=False` is the reference-comparable number."""
-    d, hd = self.d_model, self.head_dim
-    attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)  # q, o, k, v
-    mlp = 3 * d * self.d_ff
-    per_layer = attn + mlp + 2 * d
+    """Exact parameter count; `padded=False` is the number comparable with the original's."""
+    per_layer = sum(math.prod(shape) for shape, _ in self.layer_params().values())
     vocab = self.padded_vocab_size if padded else self.vocab_size
-    return vocab * d + self.n_layers * per_layer + d
+    return vocab * self.d_model + self.n_layers * per_layer + self.d_model
 
   def flops_per_token(self, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward), PaLM convention (Chowdhery et al. 2022, App. B).
@@ -72,8 +95,8 @@ class ModelConfig:
     + 12 x n_layers x seq_len x (n_heads x head_dim) for attention scores and values, with the causal
     mask NOT halving it. This is the convention MaxText and nanoGPT use for MFU.
     """
-    matmul_params = self.param_count() - self.vocab_size * self.d_model - (2 * self.n_layers + 1) * self.d_model
-    matmul_params += self.vocab_size * self.d_model  # output projection (tied, but its matmul still runs)
+    norms = (2 * self.n_layers + 1) * self.d_model
+    matmul_params = self.param_count() - norms  # the embedding's count stands for the output projection
     return 6 * matmul_params + 12 * self.n_layers * seq_len * self.n_heads * self.head_dim
 
   def to_dict(self) -> dict[str, Any]:

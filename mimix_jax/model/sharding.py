@@ -14,7 +14,6 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -39,20 +38,24 @@ _ACTIVE_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("mi
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 to take the rest."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 to take the rest.
+
+  jax.make_mesh orders the devices by the physical topology (neighbours on the fastest links share the inner
+  axes); axes are Auto, so shardings propagate from the constraints.
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+  shown = ", ".join(f"mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"{shown}: each size must be >= 1, and at most one may be -1 (the remaining devices)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+      raise ValueError(f"{shown} does not divide the {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}")
-  device_array = np.asarray(devices).reshape(sizes)
-  return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    raise ValueError(f"{shown} needs {math.prod(sizes)} devices, found {len(devices)}")
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES) -> P:
@@ -89,9 +92,10 @@ def _check_divisible(shape, spec: P, mesh: Mesh, axes) -> None:
       raise ValueError(f"parameter dim {dim} (logical axes {axes}) is not divisible by mesh axes {names} of size {n}")
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch arrays: leading dim over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, accumulate: bool = False) -> NamedSharding:
+  """Batch arrays [B, ...] (with accumulate, micro-batches [A, B/A, ...]): B over data x fsdp, the rest replicated."""
+  lead = (None,) if accumulate else ()
+  return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - 1 - len(lead)))))
 
 
 @contextlib.contextmanager

@@ -4,13 +4,11 @@ Everything here is a pure function of [B, V] float32 logits that runs inside the
 numeric settings are traced scalars (changing them never recompiles); only "greedy or not" and "penalty or
 not" are static, because they decide which work exists at all.
 
-Fixes of the reference's bugs (spec §12 item 17):
-- top-k keeps exactly k tokens (the reference keeps every logit >= the (k+1)-th largest, i.e. k+1 or more);
-  ties at the boundary are broken towards the lower token id.
-- `max_repetition_penalty` clamps the penalty factor (the reference never passed it).
-- The repetition penalty counts only the tokens generated in this call, not the prompt, system message or
-  earlier chat turns: penalising the prompt pushes the model away from the very names and words the user
-  asked about, and in a long chat the history would penalise nearly everything.
+Rules: top-k keeps exactly k tokens, ties at the boundary broken towards the lower token id;
+`max_repetition_penalty` clamps the penalty factor; the repetition penalty counts only the tokens generated in
+this call, not the prompt, system message or earlier chat turns (penalising the prompt pushes the model away
+from the very names and words the user asked about, and in a long chat the history would penalise nearly
+everything). README's "differs from the original" says where the original does otherwise.
 """
 
 from __future__ import annotations
@@ -76,7 +74,7 @@ def repetition_weights(history: jax.Array, count: jax.Array, vocab: int, window:
   """weight[b, v] = sum over the occurrences of v among the counted tokens of decay**(distance from the newest).
 
   history [B, N] int: generated tokens, the first `count` of them valid; window: 0 = all valid tokens.
-  Returns [B, V] float32 (the reference's `mask`; plain counts when decay = 1).
+  Returns [B, V] float32 (the original's `mask`; plain counts when decay = 1).
   """
   b, n = history.shape
   slot = jnp.arange(n)
@@ -89,7 +87,7 @@ def repetition_weights(history: jax.Array, count: jax.Array, vocab: int, window:
 
 def apply_repetition_penalty(logits: jax.Array, weights: jax.Array, penalty: jax.Array,
                              max_penalty: jax.Array) -> jax.Array:
-  """The reference formula: logit *= (logit < 0 ? penalty : 1 / penalty) ** weight, the factor clamped.
+  """The original's formula: logit *= (logit < 0 ? penalty : 1 / penalty) ** weight, the factor clamped.
 
   logits, weights [B, V]; max_penalty 0 = no clamp. -inf logits stay -inf.
   """

@@ -10,51 +10,34 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mimix_jax import config as config_lib, sharding, trainer as trainer_lib
+from mimix_jax.model import sharding
+from mimix_jax.training import objectives
+from mimix_jax.training.step import TrainStep
 
 GiB = 1024**3
 
 
-def abstract_batch(cfg: ml_collections.ConfigDict, trainer: trainer_lib.Trainer):
-  """ShapeDtypeStructs of one step's global batch [A, B/A, (2,) T] and the DPO extra input."""
-  micro = cfg.batch_size // cfg.grad_accum_steps
-  pair = (2,) if cfg.stage == "dpo" else ()
-  shape = (cfg.grad_accum_steps, micro, *pair, cfg.max_len)
-  sh = trainer.batch_sharding(len(shape) - 1, accumulate=True)
-  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
-            "positions": jnp.int32}
-  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=sh) for k, d in dtypes.items()}
-  extra = None
-  if cfg.stage == "dpo":
-    extra = jax.ShapeDtypeStruct((cfg.grad_accum_steps, micro, 2), jnp.float32,
-                                 sharding=trainer.batch_sharding(2, accumulate=True))
-  return batch, extra
-
-
 def plan(cfg: ml_collections.ConfigDict) -> dict:
-  model_cfg = config_lib.model_config(cfg)
   mesh = sharding.make_mesh(**cfg.mesh)
-  trainer = trainer_lib.build(cfg, model_cfg, mesh)
+  step = TrainStep(cfg, objectives.from_config(cfg), mesh)
+  model_cfg = step.model_cfg
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       trainer.abstract_state, trainer.state_shardings)
-  batch, extra = abstract_batch(cfg, trainer)
+                       step.abstract_state, step.state_shardings)
   t0 = time.perf_counter()
   with sharding.activate(mesh):
-    compiled = trainer.train_step().lower(state, batch, extra).compile()
+    compiled = step.lower(state, step.abstract_batch()).compile()
   mem = compiled.memory_analysis()
-  n_dev = mesh.size
-  state_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state))
-  tokens = cfg.batch_size * cfg.max_len * (2 if cfg.stage == "dpo" else 1)
+  state_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(step.abstract_state))
+  flops_per_token = model_cfg.flops_per_token(cfg.max_len)
   out = {
-      "stage": cfg.stage, "mesh": dict(mesh.shape), "devices": n_dev,
+      "objective": cfg.objective, "mesh": dict(mesh.shape), "devices": mesh.size,
       "params": model_cfg.param_count(), "params_padded": model_cfg.param_count(padded=True),
       "vocab_size": model_cfg.vocab_size, "padded_vocab_size": model_cfg.padded_vocab_size,
-      "flops_per_token": model_cfg.flops_per_token(cfg.max_len), "tokens_per_step": tokens,
-      "flops_per_step": model_cfg.flops_per_token(cfg.max_len) * tokens,
+      "flops_per_token": flops_per_token, "tokens_per_step": step.tokens_per_step,
+      "flops_per_step": flops_per_token * step.tokens_per_step,
       "state_bytes_total": int(state_bytes), "compile_seconds": round(time.perf_counter() - t0, 1),
   }
   if mem is not None:
@@ -68,7 +51,7 @@ def plan(cfg: ml_collections.ConfigDict) -> dict:
 
 def report(cfg: ml_collections.ConfigDict) -> dict:
   p = plan(cfg)
-  print(f"stage {p['stage']}  mesh {p['mesh']}  ({p['devices']} devices)")
+  print(f"objective {p['objective']}  mesh {p['mesh']}  ({p['devices']} devices)")
   print(f"parameters: {p['params']:,} at vocab {p['vocab_size']} (reference-comparable); "
         f"{p['params_padded']:,} with the vocabulary padded to {p['padded_vocab_size']}")
   print(f"FLOPs per token: {p['flops_per_token'] / 1e9:.3f} GFLOP (training, PaLM convention: 6N + 12*L*T*d_attn, "

@@ -13,57 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mimix_jax.model import mask_padded_vocab, project
+from mimix_jax.data import batch as batch_lib
+from mimix_jax.model.layers import project
+from mimix_jax.model.logprobs import chunk_logits, chunk_size, chunks, token_nll, unchunk
 
-
-def token_nll(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int, chunk: int = 0):
-  """Per-token NLL and logsumexp in float32. h [B, T, d] final hidden states; table [V_padded, d]; targets [B, T].
-
-  For per-sequence sums (DPO) and evaluation; the train loss uses fused_token_loss. chunk > 0 processes `chunk`
-  positions at a time under jax.checkpoint, so peak memory holds one [B, chunk, V] logits block instead of
-  [B, T, V]. Returns nll [B, T], lse [B, T].
-  """
-  table = table.astype(h.dtype)
-
-  def nll_of(args):
-    hc, tc = args
-    lse = _chunk_logits(hc, table, vocab_size)[1]
-    # The target's logit from its embedding row: O(B c d) and a cheap row gather in the backward pass, instead of
-    # a take_along_axis over [B, c, V] whose gradient scatters into a zeroed [B, c, V] buffer.
-    target_logit = jnp.einsum("bcd,bcd->bc", hc, table[tc], preferred_element_type=jnp.float32)
-    return lse - target_logit, lse
-
-  chunk = _chunk_size(chunk, h.shape[1])
-  if chunk == h.shape[1]:
-    return nll_of((h, targets))
-  nll, lse = jax.lax.map(jax.checkpoint(nll_of), (_chunks(h, chunk), _chunks(targets, chunk)))
-  return _unchunk(nll), _unchunk(lse)
-
-
-def _chunk_size(chunk: int, t: int) -> int:
-  """loss_chunk -> positions per chunk: 0 (or >= T) means all T at once; otherwise it must divide T."""
-  if chunk <= 0 or chunk >= t:
-    return t
-  if t % chunk:
-    raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {t}")
-  return chunk
-
-
-def _chunks(x: jax.Array, chunk: int) -> jax.Array:
-  """[B, T, ...] -> [T / chunk, B, chunk, ...]: chunks along the length, the (sharded) batch axis kept whole."""
-  b, t = x.shape[:2]
-  return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
-
-
-def _unchunk(x: jax.Array) -> jax.Array:
-  n, b, c = x.shape[:3]
-  return x.swapaxes(0, 1).reshape(b, n * c, *x.shape[3:])
-
-
-def _chunk_logits(hc: jax.Array, table: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
-  """hc [B, c, d], table [V, d] (compute dtype) -> float32 logits [B, c, V] (padding -inf) and lse [B, c]."""
-  logits = mask_padded_vocab(project(hc, table.T, preferred_element_type=jnp.float32), vocab_size)
-  return logits, jax.nn.logsumexp(logits, axis=-1)
+DPO_LOSSES = ("sigmoid", "ipo")
 
 
 def _weighted_sums(h, rows, lse, weights, z_loss):
@@ -88,9 +42,9 @@ def fused_token_loss(h, table, targets, weights, vocab_size: int, z_loss: float,
   data / fsdp axes split the batch, each device runs its own rows (shard_map) and d table is reduced once.
   Only the first output is differentiable; the second is a metric.
   """
-  chunk = _chunk_size(chunk, h.shape[1])
+  chunk = chunk_size(chunk, h.shape[1])
   tbl = table.astype(h.dtype)
-  lse = _unchunk(jax.lax.map(lambda hc: _chunk_logits(hc, tbl, vocab_size)[1], _chunks(h, chunk)))
+  lse = unchunk(jax.lax.map(lambda hc: chunk_logits(hc, tbl, vocab_size)[1], chunks(h, chunk)))
   return _weighted_sums(h, tbl[targets], lse, weights, z_loss)
 
 
@@ -98,7 +52,7 @@ def _fused_fwd(h, table, targets, weights, vocab_size, z_loss, chunk):
   mesh = jax.sharding.get_abstract_mesh()
   batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
   fwd = functools.partial(_loss_and_grads, vocab_size=vocab_size, z_loss=z_loss,
-                          chunk=_chunk_size(chunk, h.shape[1]), batch_axes=batch_axes)
+                          chunk=chunk_size(chunk, h.shape[1]), batch_axes=batch_axes)
   if batch_axes:
     # Under plain jit the scan carry would be all-reduced after every chunk ([V, d] float32, 206 MB for
     # gpt_large, 4-8 times a micro-batch); here each device sums its own rows and chunks, then one psum.
@@ -113,7 +67,7 @@ def _loss_and_grads(h, table, targets, weights, *, vocab_size, z_loss, chunk, ba
 
   def one_chunk(d_table, xs):
     hc, wc = xs
-    logits, lse = _chunk_logits(hc, table, vocab_size)
+    logits, lse = chunk_logits(hc, table, vocab_size)
     # The softmax part of d loss / d logits; the one-hot part is added below from embedding rows.
     g = (jnp.exp(logits - lse[..., None]) * (wc * (1 + 2 * z_loss * lse))[..., None]).astype(h.dtype)
     g2, h2 = g.reshape(-1, g.shape[-1]), hc.reshape(-1, hc.shape[-1])  # 2-D: XLA:CPU runs 3-D einsums slower
@@ -123,11 +77,11 @@ def _loss_and_grads(h, table, targets, weights, *, vocab_size, z_loss, chunk, ba
   zeros = jnp.zeros(table.shape, jnp.float32)
   if batch_axes:  # the carry holds this device's partial sum
     zeros = jax.lax.pcast(zeros, batch_axes, to="varying")
-  d_table, (dh, lse) = jax.lax.scan(one_chunk, zeros, (_chunks(h, chunk), _chunks(weights, chunk)))
+  d_table, (dh, lse) = jax.lax.scan(one_chunk, zeros, (chunks(h, chunk), chunks(weights, chunk)))
   rows = table[targets]  # [B, T, d]
-  dh = _unchunk(dh) - (weights[..., None] * rows).astype(h.dtype)
+  dh = unchunk(dh) - (weights[..., None] * rows).astype(h.dtype)
   d_table = d_table.at[targets.reshape(-1)].add(-(weights[..., None] * h).reshape(-1, h.shape[-1]))
-  sums = _weighted_sums(h, rows, _unchunk(lse), weights, z_loss)
+  sums = _weighted_sums(h, rows, unchunk(lse), weights, z_loss)
   if batch_axes:
     sums, d_table = jax.lax.psum((sums, d_table), batch_axes)
   return sums, (dh, d_table)
@@ -156,7 +110,7 @@ def lm_loss(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
 def sequence_logps(model, batch: dict, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """Summed (float32) log-probs and token counts of the masked targets. batch arrays [B, 2, T] -> [B, 2]."""
   b, two, t = batch["inputs"].shape
-  flat = {k: batch[k].reshape(b * two, t) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+  flat = {k: batch[k].reshape(b * two, t) for k in batch_lib.FIELDS}
   h, _ = model.hidden(flat["inputs"], flat["positions"], flat["segment_ids"])  # chosen & rejected in one pass
   nll, _ = token_nll(h, model.embed[...], flat["targets"], model.cfg.vocab_size, chunk)
   mask = flat["loss_mask"].astype(jnp.float32)
@@ -178,7 +132,7 @@ def dpo_terms(policy_logps, reference_logps, counts, *, beta, loss_type="sigmoid
   elif loss_type == "ipo":
     dpo = jnp.square(margin - 1 / (2 * beta))
   else:
-    raise ValueError(f"dpo.loss_type must be sigmoid or ipo, got {loss_type!r}")
+    raise ValueError(f"dpo.loss_type must be one of {', '.join(DPO_LOSSES)}, got {loss_type!r}")
   sft = -policy_logps[:, 0] / jnp.maximum(counts[:, 0], 1)  # mean token NLL of the chosen completion
   rewards = beta * ratios
   zero = jnp.zeros_like(dpo)
@@ -193,7 +147,7 @@ def dpo_loss(model, batch: dict, reference_logps, *, beta, loss_type, label_smoo
              chunk: int = 0):
   """Sum over pairs of dpo_weight * DPO + sft_weight * SFT, the number of valid pairs, and metric sums.
 
-  The reference's weighting is dpo_weight 0.1, sft_weight 1 (loss = sft + 0.1 dpo); TRL's RPO is dpo_weight 1,
+  The original's weighting is dpo_weight 0.1, sft_weight 1 (loss = sft + 0.1 dpo); TRL's RPO is dpo_weight 1,
   sft_weight alpha.
   """
   logps, counts = sequence_logps(model, batch, chunk)

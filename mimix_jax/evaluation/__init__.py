@@ -1,0 +1,1 @@
+"""Evaluation of a trained model: perplexity on raw text (perplexity)."""
