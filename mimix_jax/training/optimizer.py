@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -12,29 +11,24 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Learning rate at optimizer step s (0-based).
+  """Learning rate at optimizer step s (0-based): optax's warmup schedules evaluated at s + 1.
 
-  Linear warmup that reaches the peak at step warmup_steps - 1 (the first update already moves: the original's
-  DeepSpeed run alternated peak/0 in its first two updates), then cosine or linear decay to lr * min_lr_ratio at
-  total_steps, or constant.
+  So the linear warmup reaches the peak at step warmup_steps - 1 and the first update already moves (the
+  original's DeepSpeed run alternated peak and 0 in its first two updates); then cosine or linear decay to
+  lr * min_lr_ratio at total_steps, or constant.
   """
-  peak, warmup, floor = opt.lr, max(opt.warmup_steps, 0), opt.lr * opt.min_lr_ratio
   if opt.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {opt.schedule!r}")
-
-  def lr(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = peak * jnp.minimum(1.0, (step + 1) / max(warmup, 1))
-    progress = jnp.clip((step + 1 - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-    if opt.schedule == "cosine":
-      decayed = floor + (peak - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    elif opt.schedule == "linear":
-      decayed = peak - (peak - floor) * progress
-    else:
-      decayed = jnp.asarray(peak, jnp.float32)
-    return jnp.where(step < warmup, warm, decayed)
-
-  return lr
+  peak, warmup, floor = opt.lr, max(opt.warmup_steps, 0), opt.lr * opt.min_lr_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  decay = {
+      "cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak if peak else 0.0),
+      "linear": optax.linear_schedule(peak, floor, decay_steps),
+      "constant": optax.constant_schedule(peak),
+  }[opt.schedule]
+  warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  lr = optax.join_schedules([warm, decay], [warmup])
+  return lambda step: lr(step + 1)
 
 
 def decay_mask(params: dict, decay_norms_and_embeddings: bool) -> dict:
