@@ -56,7 +56,7 @@ def main(argv=None) -> int:
       t0 = time.perf_counter()
       if kind != "plain":
         n_saved += 1
-        ckpt.save(n_saved, state, b"{}", {})
+        ckpt.save(n_saved, state, b"{}")
         if kind == "sync":
           ckpt.wait()
         calls[kind].append(time.perf_counter() - t0)

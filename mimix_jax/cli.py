@@ -11,7 +11,8 @@ from mimix_jax.inference.engine import Engine
 from mimix_jax.inference.sampling import SamplingConfig
 from mimix_jax.text import tokenizer as tokenizer_lib
 from mimix_jax.text.tokenizer import Tokenizer
-from mimix_jax.training import checkpoints, run_dir
+from mimix_jax.training import checkpoints
+from mimix_jax.training.run_dir import RunInfo
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
 class Inference:
   """A run opened for decoding, with the flags resolved against its defaults."""
 
-  info: run_dir.RunInfo
+  info: RunInfo
   engine: Engine
   tokenizer: Tokenizer
   chat: bool
@@ -53,9 +54,12 @@ class Inference:
 def open_run(args: argparse.Namespace) -> Inference:
   """Loads the run's params into an Engine (which keeps only its decode layout); raises FileNotFoundError /
   ValueError for user errors."""
-  info = run_dir.read_run_info(args.checkpoint)
+  info = checkpoints.open_checkpoint(args.checkpoint)
   model_cfg = info.model if args.dtype is None else dataclasses.replace(info.model, dtype=args.dtype)
-  engine = Engine(model_cfg, checkpoints.load_params(args.checkpoint, model_cfg))
+  params = checkpoints.load_params(info, model_cfg)
+  checkpoints.check_finite(params, info.step_dir)
+  engine = Engine(model_cfg, params)
+  del params  # the engine keeps its own decode layout
   tokenizer = Tokenizer.load(info.tokenizer_dir)
   names = [f.name for f in dataclasses.fields(SamplingConfig)]
   overrides: dict[str, Any] = {k: getattr(args, k) for k in names}

@@ -20,7 +20,7 @@ from mimix_jax.data import readers, schemas
 from mimix_jax.evaluation import perplexity
 from mimix_jax.model import sharding, transformer
 from mimix_jax.text.tokenizer import Tokenizer
-from mimix_jax.training import checkpoints, run_dir
+from mimix_jax.training import checkpoints
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,9 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
 
   try:
-    info = run_dir.read_run_info(args.checkpoint)
+    info = checkpoints.open_checkpoint(args.checkpoint)
     paths = readers.discover(args.data)
-  except (FileNotFoundError, readers.InputError) as e:
+  except (FileNotFoundError, ValueError) as e:  # readers.InputError and DamagedCheckpoint are ValueErrors
     print(f"error: {e}", file=sys.stderr)
     return 2
   window = args.max_len or info.model.max_len
@@ -48,7 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
   batch_size = -(-args.batch_size // mesh.size) * mesh.size
-  params = checkpoints.load_params(args.checkpoint, info.model, transformer.param_shardings(info.model, mesh))
+  params = checkpoints.load_params(info, info.model, transformer.param_shardings(info.model, mesh))
+  try:
+    checkpoints.check_finite(params, info.step_dir)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   tokenizer = Tokenizer.load(info.tokenizer_dir)
   nll_fn = perplexity.make_nll_fn(info.model, mesh)
 
@@ -60,13 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       per_file[str(path)] = r
       total_nll, total_tokens = total_nll + r["loss"] * r["tokens"], total_tokens + r["tokens"]
       bar.write(f"{path}: tokens {r['tokens']}  loss {r['loss']:.4f}  ppl {r['ppl']:.3f}")
-  loss = total_nll / max(total_tokens, 1)
+  if not total_tokens:
+    print(f"error: no text to score in {' '.join(args.data)} (raw documents are read: .txt, or records with the "
+          f"fields {args.text_field}; a shard directory is not raw text)", file=sys.stderr)
+    return 2
+  loss = total_nll / total_tokens
   result = {"checkpoint": str(info.step_dir), "ppl": math.exp(loss), "loss": loss, "tokens": total_tokens,
             "max_len": window, "stride": stride, "files": per_file}
   if args.output:
     io_utils.write_json(args.output, result, sort_keys=True)
   print(json.dumps(result))
-  return 0 if total_tokens else 1
+  return 0
 
 
 if __name__ == "__main__":

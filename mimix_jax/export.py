@@ -15,8 +15,9 @@ OUTPUT/
   mimixlm/                    with --format mimixlm: model_weights (the original's torch state dict),
                               model_config.json, tokenizer.model (ours: sentencepiece, see hf/configs.mimixlm_config)
 
-Only the params are restored (no optimizer state), onto the default device, from a checkpoint saved on any mesh;
-padded vocabulary rows are stripped. Everything is written into a temporary directory that is renamed to OUTPUT
+Only the params are restored (no optimizer state), onto the default device, from a checkpoint saved on any mesh
+(the newest undamaged one of a run); weights holding NaN or inf are refused; padded vocabulary rows are stripped.
+Exit codes: 0 exported (and verified), 1 verification failed, 2 a user error. Everything is written into a temporary directory that is renamed to OUTPUT
 only after verification passed, so OUTPUT is never a half-written or unverified export.
 """
 
@@ -36,7 +37,7 @@ from mimix_jax import io_utils
 from mimix_jax.hf import configs, files, layout, verify as verify_lib
 from mimix_jax.model import transformer
 from mimix_jax.text.tokenizer import Tokenizer
-from mimix_jax.training import checkpoints, run_dir
+from mimix_jax.training import checkpoints
 
 
 def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", fmt: str = "hf",
@@ -54,12 +55,13 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
     verify = verify_lib.transformers_available()
   elif verify and not verify_lib.transformers_available():
     raise RuntimeError("--verify needs torch and transformers (pip install -e '.[torch]'); or pass --no-verify")
-  info = run_dir.read_run_info(checkpoint)
+  info = checkpoints.open_checkpoint(checkpoint)  # a run's newest undamaged step
   # float32 compute and plain XLA attention: the reference numbers for verification, and any backend runs them.
   cfg = dataclasses.replace(info.model, dtype="float32", attention="xla", remat="none")
   tok = Tokenizer.load(info.tokenizer_dir)
+  params = jax.tree.map(np.asarray, checkpoints.load_params(info, cfg))
+  checkpoints.check_finite(params, info.step_dir)
   with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
-    params = jax.tree.map(np.asarray, checkpoints.load_params(checkpoint, cfg))
     state_dict = layout.to_torch_state_dict(params, cfg, "hf")
     n_params = int(sum(v.size for v in state_dict.values()))
     written = files.write_safetensors(tmp, state_dict, dtype, max_shard_size)
@@ -75,6 +77,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
         "dtype": dtype,
         "n_params": n_params,
         "files": sorted(written),
+        "sha256": {name: io_utils.sha256_file(tmp / name) for name in sorted(written)},  # import_hf checks them
         "generation": info.generation,  # import_hf restores it
         "verify": verify_export(tmp, cfg, params, tok, dtype) if verify else None,
     }
@@ -108,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     report = export(args.checkpoint, args.output, args.dtype, args.format, args.verify, args.max_shard_size,
                     args.overwrite)
-  except (verify_lib.VerificationError, configs.UnsupportedConfig, FileExistsError, FileNotFoundError, ValueError,
-          RuntimeError) as e:
+  except verify_lib.VerificationError as e:  # the export would be wrong: nothing was written
     print(f"export: error: {e}", file=sys.stderr)
     return 1
+  except (configs.UnsupportedConfig, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+    print(f"export: error: {e}", file=sys.stderr)
+    return 2
   verified = "verified" if report["verify"] else "NOT verified (--no-verify, or torch/transformers not installed)"
   print(f"exported {report['n_params']:,} params ({report['dtype']}, {verified}) from {report['checkpoint']} "
         f"to {args.output}")

@@ -37,6 +37,7 @@ def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite
   if not config_path.is_file():
     raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
   cfg = configs.model_config_from_hf(json.loads(config_path.read_text()))
+  _check_hashes(model_dir)
   tensors = files.read_safetensors(model_dir)
   _check_tied(tensors)
   params = layout.from_hf_state_dict(tensors, cfg)
@@ -45,6 +46,18 @@ def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite
     run_dir.write_run_info(tmp, cfg, tmp / "tokenizer", generation_defaults(model_dir, tok))  # the tokenizer stays
     checkpoints.save_params(tmp, 0, params)
   return {"model": str(model_dir), "output": str(output), "n_params": cfg.param_count(), "config": cfg.to_dict()}
+
+
+def _check_hashes(model_dir: Path) -> None:
+  """Our exports record the sha256 of every file they wrote (export.json): a damaged copy is refused."""
+  report = model_dir / "export.json"
+  sums = json.loads(report.read_text()).get("sha256", {}) if report.is_file() else {}
+  for name, digest in sums.items():
+    if not (model_dir / name).is_file():
+      raise FileNotFoundError(f"{model_dir / name}: missing (export.json lists it)")
+    if io_utils.sha256_file(model_dir / name) != digest:
+      raise ValueError(f"{model_dir / name}: does not match the sha256 in export.json (truncated or altered "
+                       "copy): export again or copy it again")
 
 
 def _check_tied(tensors: dict[str, np.ndarray]) -> None:
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = import_hf(args.model, args.output, args.overwrite)
   except (UnsupportedConfig, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"import_hf: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   print(f"imported {summary['n_params']:,} params from {args.model} into {args.output} (checkpoint step 0)")
   return 0
 

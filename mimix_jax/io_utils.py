@@ -7,10 +7,12 @@ name next to its destination and renamed into place only when complete (rename i
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,18 +47,59 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
 
   If the block raises, the temporary directory is removed and `path` is untouched. An existing non-empty
   `path` is an error unless `overwrite`, in which case it is replaced only after the new one is complete.
+  Temporary directories that killed runs left next to `path` are removed first (those of live processes, or of
+  other hosts, are left alone). The directory gets the permissions the umask gives (mkdtemp would make it 0700).
   """
   path = Path(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
     raise FileExistsError(f"{path} already exists and is not empty (pass --overwrite to replace it)")
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+  remove_stale_temporaries(path)
+  tmp = Path(tempfile.mkdtemp(prefix=f"{_temporary_prefix(path)}{os.getpid()}-", dir=path.parent))
+  tmp.chmod(0o777 & ~current_umask())
   try:
     yield tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   replace_dir(tmp, path)
+
+
+def _temporary_prefix(path: Path, host: str | None = None) -> str:
+  return f".{path.name}.tmp-{host or socket.gethostname()}-"
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+  """Removes `.NAME.tmp-HOST-PID-*` directories of processes of this host that no longer run; returns them."""
+  prefix = _temporary_prefix(path)
+  stale = []
+  for candidate in path.parent.glob(f"{glob.escape(prefix)}*"):
+    pid = candidate.name[len(prefix):].split("-", 1)[0]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(candidate, ignore_errors=True)
+      stale.append(candidate)
+  return stale
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+  """Gives a file another library created privately the mode a plain open() would have."""
+  os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -68,6 +111,11 @@ def replace_dir(src: Path, dst: Path) -> None:
   os.replace(src, dst)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sha256_files(paths: list[str | os.PathLike]) -> str:

@@ -17,7 +17,7 @@ if __name__ == "__main__" and "--dry_run" in sys.argv:
 import argparse
 from pathlib import Path
 
-from mimix_jax.training import config as config_lib, distributed, loop
+from mimix_jax.training import checkpoints, config as config_lib, distributed, loop, run_dir
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -34,21 +34,34 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Exit codes: 0 the stage reached total_steps; 2 a user error (one line: the field or file and the fix);
+  loop.EXIT_INTERRUPTED (75) stopped by a signal, saved and resumable; loop.EXIT_NONFINITE (3) halted on
+  non-finite steps; loop.EXIT_SAVE_FAILED (74) a checkpoint could not be written."""
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  file, _, stage = args.config.partition(":")
+  workdir = Path(args.workdir or Path("runs") / Path(file).stem / (stage or "default"))
   try:
     cfg = config_lib.load(args.config, overrides)
     config_lib.validate(cfg)
+    if args.dry_run:
+      from mimix_jax.training import planner
+      planner.report(cfg)
+      return 0
+    distributed.initialize(args)
+    prepared = loop.prepare(cfg, workdir)
   except (KeyError, ValueError, FileNotFoundError) as e:
-    print(f"train: error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 2
-  if args.dry_run:
-    from mimix_jax.training import planner
-    planner.report(cfg)
-    return 0
-  distributed.initialize(args)
-  file, _, stage = args.config.partition(":")
-  workdir = Path(args.workdir or Path("runs") / Path(file).stem / (stage or "default"))
-  return loop.run(cfg, workdir, command=" ".join(sys.argv))
+    return _fail(e, 2)
+  try:
+    return loop.run(prepared, command=" ".join(sys.argv))
+  except (run_dir.RunInUse, checkpoints.DamagedCheckpoint) as e:
+    return _fail(e, 2)
+  except loop.TrainError as e:
+    return _fail(e, e.exit_code)
+
+
+def _fail(e: BaseException, code: int) -> int:
+  print(f"train: error: {e.args[0] if e.args else e}", file=sys.stderr, flush=True)
+  return code
 
 
 if __name__ == "__main__":

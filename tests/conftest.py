@@ -5,6 +5,8 @@ Session-scoped, so the whole suite trains one tokenizer and preprocesses each st
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,12 @@ def dpo_shards(tokenizer_dir, tmp_path_factory) -> Path:
   out = tmp_path_factory.mktemp("shards") / "dpo"
   assert run_preprocess(tokenizer_dir, out, "dpo", [DPO_FILE], 128) == 0
   return out
+
+
+def run_with_umask(cmd: list, umask: int, **kw) -> subprocess.CompletedProcess:
+  """Runs cmd (a child inherits the umask) under `umask`, restoring ours after."""
+  old = os.umask(umask)
+  try:
+    return subprocess.run(cmd, check=True, capture_output=True, timeout=300, **kw)
+  finally:
+    os.umask(old)

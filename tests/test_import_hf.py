@@ -91,7 +91,7 @@ def _edit_config(hf_dir: Path, dst: Path, **changes) -> Path:
 ])
 def test_unsupported_configs_are_rejected_naming_the_field(hf_dir, tmp_path, capsys, changes, field):
   src = _edit_config(hf_dir, tmp_path / "edited", **changes)
-  assert import_lib.main(["--model", str(src), "--output", str(tmp_path / "run")]) == 1
+  assert import_lib.main(["--model", str(src), "--output", str(tmp_path / "run")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("import_hf: error: ") and field in err and err.count("\n") == 1
   assert not (tmp_path / "run").exists()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DPO_FILE, SFT_DIR, SMALL_BOOKS, run_preprocess
+from conftest import DPO_FILE, SFT_DIR, SMALL_BOOKS, run_preprocess, run_with_umask
 from mimix_jax.data import readers
 from mimix_jax.data.packing import DocumentPacker
 from mimix_jax.data.shards import LAYOUTS, ShardWriter, read_manifest
@@ -327,3 +331,114 @@ def test_packing_predicts_every_document_token_exactly_once(tmp_path):
     # (input, target) pairs inside one segment: every document token but bos is a target once.
     targets = sum(int(np.sum((s[1:] == s[:-1]) & (s[1:] != 0))) for s in row_segs)
     assert targets == sum(len(d) - 1 for d in docs)
+
+
+# ------------------------------------------------------------------ records no reader may die on
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, deeper than Python's parser recurses
+
+
+def write_hostile_inputs(d: Path) -> None:
+  """Every format with a UTF-8 byte-order mark, a lone surrogate escape and a 100k-deep nested value among good
+  records."""
+  d.mkdir(parents=True)
+  bom = b"\xef\xbb\xbf"
+  (d / "a.jsonl").write_bytes(bom + b'{"text": "first jsonl"}\n{"text": "\\ud800 x"}\n'
+                              + b'{"text": %s}\n{"text": "last jsonl"}\n' % DEEP.encode())
+  (d / "b.json").write_bytes(bom + b'[{"text": "first json"}, {"text": %s}, {"text": "x \\udfff"}, {broken},'
+                             b' {"text": "last json"}]' % DEEP.encode())
+  (d / "c.txt").write_bytes(bom + b"a text file\n")
+  (d / "d.csv").write_bytes(bom + b"text\na csv row\n")
+
+
+HOSTILE_SKIPS = {"invalid_utf8": 2, "malformed_json": 3}
+HOSTILE_TEXTS = ["first jsonl", "last jsonl", "first json", "last json", "a text file\n", "a csv row"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_no_single_record_ends_a_run_and_byte_order_marks_are_stripped(tok, tokenizer_dir, tmp_path, workers):
+  write_hostile_inputs(tmp_path / "in")
+  out = tmp_path / "out"
+  r = subprocess.run([sys.executable, "-m", "mimix_jax.preprocess", "--stage", "pretrain", "--tokenizer",
+                      str(tokenizer_dir), "--input", str(tmp_path / "in"), "--output", str(out), "--max_len", "32",
+                      "--workers", workers], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert read_manifest(out)["skipped"] == HOSTILE_SKIPS
+  assert f"{tmp_path / 'in' / 'a.jsonl'}:2: invalid_utf8" in r.stderr and f"{tmp_path / 'in' / 'a.jsonl'}:3: malformed_json" in r.stderr
+  assert f"{tmp_path / 'in' / 'b.json'}#2: malformed_json" in r.stderr
+  docs = sorted(tok.decode(d) for d in unpack_documents(tok, load_sequences(out)[0]))
+  assert docs == sorted(HOSTILE_TEXTS)  # every good record whole, no U+FEFF in any of them
+
+
+def test_strict_stops_at_a_hostile_record_in_one_line(tokenizer_dir, tmp_path, capsys):
+  write_hostile_inputs(tmp_path / "in")
+  assert run_preprocess(tokenizer_dir, tmp_path / "out", "pretrain", [tmp_path / "in" / "a.jsonl"], 32, "--strict") == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "a.jsonl:2: invalid_utf8" in err and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_training_skips_hostile_records(tmp_path):
+  write_hostile_inputs(tmp_path / "in")
+  book = tmp_path / "in" / "book.txt"
+  book.write_text(gzip.open(SMALL_BOOKS[0], "rt").read())
+  r = subprocess.run([sys.executable, "-m", "mimix_jax.tokenizer", "--input", str(tmp_path / "in"), "--vocab_size",
+                      "600", "--output", str(tmp_path / "tok"), "--num_special_tokens", "8"],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.loads((tmp_path / "tok" / "training_report.json").read_text())
+  assert report["skipped"] == HOSTILE_SKIPS
+
+
+def _big_input(d: Path, copies: int) -> Path:
+  d.mkdir(parents=True, exist_ok=True)
+  text = gzip.open(SMALL_BOOKS[0], "rt").read()
+  with open(d / "big.jsonl", "w") as f:
+    for i in range(copies):
+      f.write(json.dumps({"text": f"{i} {text[:20000]}"}) + "\n")
+  return d / "big.jsonl"
+
+
+def test_a_killed_worker_fails_the_run_at_once_naming_its_file(tokenizer_dir, tmp_path):
+  import psutil
+  src = _big_input(tmp_path / "in", 3000)
+  out = tmp_path / "out"
+  proc = subprocess.Popen([sys.executable, "-m", "mimix_jax.preprocess", "--stage", "pretrain", "--tokenizer",
+                           str(tokenizer_dir), "--input", str(src), "--output", str(out), "--max_len", "64",
+                           "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  workers, deadline = [], time.time() + 120
+  while time.time() < deadline and len(workers) < 2:
+    workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    time.sleep(0.05)
+  assert len(workers) == 2, "no worker processes appeared"
+  workers[0].kill()  # as the OOM killer would
+  killed = time.time()
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 1 and time.time() - killed < 30
+  line = err.strip().splitlines()[-1]
+  assert line.startswith("preprocess: error: a worker process died") and str(src) in line
+  assert not out.exists()
+
+
+def test_a_killed_run_leaves_nothing_and_the_next_run_cleans_its_temporaries(tokenizer_dir, tmp_path):
+  src = _big_input(tmp_path / "in", 2000)
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "mimix_jax.preprocess", "--stage", "pretrain", "--tokenizer", str(tokenizer_dir),
+         "--input", str(src), "--output", str(out), "--max_len", "64", "--shard_tokens", "20000"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*/shard-00001.tokens.npy")):
+    time.sleep(0.1)
+  proc.kill()
+  proc.wait()
+  assert not out.exists() and list(tmp_path.glob(".out.tmp-*"))  # a half-made temporary, nothing that looks done
+  subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+  assert read_manifest(out)["records_written"] == 2000 and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_outputs_respect_the_umask(tokenizer_dir, tmp_path):
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "mimix_jax.preprocess", "--stage", "pretrain", "--tokenizer", str(tokenizer_dir),
+         "--input", str(SMALL_BOOKS[0]), "--output", str(out), "--max_len", "64"]
+  run_with_umask(cmd, 0o002)
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+  assert modes.pop("out") == 0o775 and set(modes.values()) == {0o664}, modes

@@ -3,6 +3,7 @@ SIGTERM, stage hand-over with init_from, and two JAX processes training together
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS_TRAIN, run_preprocess
+from mimix_jax.training.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_SAVE_FAILED
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["--config.model.vocab_size=2000", "--config.model.n_layers=2", "--config.model.d_model=64",
@@ -58,12 +60,14 @@ def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_pa
 
   run = tmp_path / "interrupted"
   cmd = train_cmd(run, pretrain_shards, tokenizer_dir)
-  # 1) SIGTERM: saves the current step and exits cleanly.
+  # 1) SIGTERM: saves the current step and exits with the "interrupted, resumable" code, not 0.
   proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   wait_for_steps(proc, run, 4)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err.decode()[-2000:]
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == EXIT_INTERRUPTED, err.decode()[-2000:]
+  assert err.decode().strip().splitlines()[-1].startswith("train: error: signal received: saved step")
+  assert b'"run_dir"' not in out  # the final line of a finished run
   saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and saved[-1] >= 4 and saved[-1] < 12
   # 2) SIGKILL at an arbitrary later moment: nothing is saved on the way out.
@@ -119,3 +123,112 @@ def test_two_processes_train_together_like_one(tmp_path, pretrain_shards, tokeni
   assert sorted(multi_losses) == [1, 2, 3, 4]
   for step in single_losses:
     assert multi_losses[step] == pytest.approx(single_losses[step], rel=1e-5)
+
+
+# ------------------------------------------------------------------ nothing loses a run
+
+def run_train(cmd, **kw):
+  return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, **kw)
+
+
+def last_line(text: str) -> str:
+  return text.strip().splitlines()[-1]
+
+
+def test_a_second_train_process_on_a_run_is_refused_naming_the_first(tmp_path, pretrain_shards, tokenizer_dir):
+  run = tmp_path / "run"
+  cmd = train_cmd(run, pretrain_shards, tokenizer_dir, steps=40)
+  first = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for_steps(first, run, 2)
+  second = run_train(cmd)
+  assert second.returncode == 2
+  line = last_line(second.stderr)
+  assert line.startswith(f"train: error: {run} is in use by pid {first.pid} on {socket.gethostname()} (since ")
+  assert line.endswith("wait for it to finish, or train into another --workdir") and second.stderr.count("\n") == 1
+  first.kill()  # a SIGKILLed holder's lock goes with it
+  first.wait()
+  again = run_train(cmd)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert sorted(losses_of(run)) == list(range(1, 41))
+
+
+def _a_params_file(step_dir: Path) -> Path:
+  return max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_checkpoints_are_reported_and_the_newest_good_one_resumes_bitwise(tmp_path, pretrain_shards,
+                                                                                   tokenizer_dir):
+  run = tmp_path / "run"
+  cmd = train_cmd(run, pretrain_shards, tokenizer_dir, "--config.keep_checkpoints=5")
+  assert run_train(cmd).returncode == 0
+  expected = losses_of(run)
+  assert json.loads((run / "checkpoints" / "12" / "mimix_checksums.json").read_text())
+  # 1) A truncated file: caught by the checksums.
+  victim = _a_params_file(run / "checkpoints" / "12")
+  victim.write_bytes(victim.read_bytes()[:-7])
+  out = run_train(cmd)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"checkpoint {run}/checkpoints/12 is damaged (params/" in out.stdout and "resumed from" in out.stdout
+  assert (run / "checkpoints" / "12.damaged").is_dir() and losses_of(run) == expected
+  # 2) No checksums and a truncated file: Orbax cannot read it, and the same happens.
+  (run / "checkpoints" / "12" / "mimix_checksums.json").unlink()
+  victim = _a_params_file(run / "checkpoints" / "12")
+  victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
+  shutil.rmtree(run / "checkpoints" / "12.damaged")
+  out = run_train(cmd)
+  assert out.returncode == 0 and "checkpoints/12 is damaged (" in out.stdout and losses_of(run) == expected
+  # 3) Flipped bytes in the params: the other commands use the newest good step, refuse a damaged one named.
+  victim = _a_params_file(run / "checkpoints" / "12")
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  victim.write_bytes(bytes(data))
+  gen = subprocess.run([sys.executable, "-m", "mimix_jax.generate", "--checkpoint", str(run), "--prompt", "The",
+                        "--max_new_tokens", "2", "--raw"], cwd=REPO, env=env(), capture_output=True, text=True)
+  assert gen.returncode == 0 and f"{run}/checkpoints/12 is damaged" in gen.stderr and "using the checkpoint before" in gen.stderr
+  gen = subprocess.run([sys.executable, "-m", "mimix_jax.generate", "--checkpoint", str(run / "checkpoints" / "12"),
+                        "--prompt", "The"], cwd=REPO, env=env(), capture_output=True, text=True)
+  assert gen.returncode == 2 and gen.stderr.count("\n") == 1 and "damaged checkpoint" in gen.stderr
+
+
+def test_nonfinite_steps_halt_the_run_and_only_finite_states_are_checkpointed(tmp_path, pretrain_shards,
+                                                                              tokenizer_dir):
+  run = tmp_path / "run"
+  # A learning rate no model survives: the gradients turn non-finite after a couple of updates.
+  out = run_train(train_cmd(run, pretrain_shards, tokenizer_dir, "--config.optimizer.lr=1e6",
+                            "--config.optimizer.warmup_steps=0", "--config.optimizer.clip_norm=0",
+                            "--config.max_nonfinite_steps=3", "--config.log_every=10", "--config.save_every_steps=2",
+                            steps=40))
+  assert out.returncode == EXIT_NONFINITE
+  assert last_line(out.stderr).startswith("train: error: stopped: 3 consecutive non-finite steps")
+  record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record["step"] == 10 and record["nonfinite_run"] == 3 and record["skipped_steps"] == 3
+  for step_dir in (run / "checkpoints").iterdir():  # every checkpoint was taken on the finite path
+    assert json.loads((step_dir / "meta" / "metadata").read_text())["nonfinite"] == 0
+
+
+def test_a_full_disk_fails_the_run_at_the_next_step_and_a_rerun_resumes_bitwise(tmp_path, pretrain_shards,
+                                                                               tokenizer_dir):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+    pytest.skip("needs to mount a small tmpfs (root) to fill a disk")
+  try:
+    reference = tmp_path / "reference"
+    assert run_train(train_cmd(reference, pretrain_shards, tokenizer_dir)).returncode == 0
+    run = disk / "run"
+    cmd = train_cmd(run, pretrain_shards, tokenizer_dir, "--config.log_every=1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (run / "checkpoints" / "3" / "mimix_checksums.json").exists():
+      assert proc.poll() is None, proc.stderr.read()[-2000:]
+      time.sleep(0.05)
+    subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=1M"], capture_output=True)  # fills it
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_SAVE_FAILED
+    line = next(l for l in err.splitlines() if l.startswith("train: error:"))
+    assert "No space left on device" in line and "the newest complete checkpoint is step 3" in line
+    (disk / "filler").unlink()
+    out = run_train(cmd)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from" in out.stdout and losses_of(run) == losses_of(reference)
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)

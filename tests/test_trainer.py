@@ -117,6 +117,25 @@ def test_non_finite_gradient_skips_the_update():
   assert int(state["step"]) == 1
 
 
+def test_non_finite_steps_are_counted_on_the_device_and_a_long_run_of_them_halts_the_state():
+  mesh = one_device_mesh()
+  tr = build(make_cfg(max_nonfinite_steps=3), mesh)
+  good = text_batch(8, 32)
+  bad = {**good, "loss_mask": good["loss_mask"] * np.float32("nan")}
+  pattern = "gbgbbgbbb" + "gg"  # intermittent ones, then three in a row: halted, the last two do nothing
+  with sharding.activate(mesh):
+    state = tr.init_state(0)
+    seen = []
+    for kind in pattern:
+      state, m = tr(state, tr.device_batch(good if kind == "g" else bad))
+      seen.append((int(m["nonfinite_run"]), int(m["skipped_steps"])))
+      if len(seen) == 9:
+        at_halt = jax.tree.map(np.asarray, state)
+  assert seen[:9] == [(0, 0), (1, 1), (0, 1), (1, 2), (2, 3), (0, 3), (1, 4), (2, 5), (3, 6)]
+  jax.tree.map(np.testing.assert_array_equal, at_halt, jax.tree.map(np.asarray, state))  # frozen at step 9
+  assert int(state["step"]) == 9
+
+
 def test_weight_decay_skips_norms_and_embedding():
   cfg = make_cfg(**{"optimizer.lr": 1e-2, "optimizer.weight_decay": 0.5, "optimizer.clip_norm": 0.0})
   tr = build(cfg, one_device_mesh())
@@ -145,15 +164,15 @@ def test_checkpoint_from_8_devices_restores_on_1_device_with_the_same_next_loss(
     for b in batches[:2]:
       state, _ = step8(state, tr8.device_batch(b))
     ckpt = checkpoints.TrainCheckpointer(tmp_path, keep=2)
-    ckpt.save(2, state, b'{"position": 2}', {"nonfinite_run": 0})
+    ckpt.save(2, state, b'{"position": 2}')
     ckpt.close()
     _, expected = step8(state, tr8.device_batch(batches[2]))
 
   mesh1 = one_device_mesh()
   tr1 = build(cfg, mesh1)
   ckpt = checkpoints.TrainCheckpointer(tmp_path, keep=2)
-  restored, data_state, meta = ckpt.restore(2, tr1.abstract_state, tr1.state_shardings)
-  assert data_state == b'{"position": 2}' and meta["step"] == 2
+  step, restored, data_state = ckpt.restore_latest(tr1.abstract_state, tr1.state_shardings)
+  assert data_state == b'{"position": 2}' and step == 2 == int(restored["step"])
   assert restored["params"]["embed"].sharding.device_set == {jax.devices()[0]}
   with sharding.activate(mesh1):
     _, got = tr1(restored, tr1.device_batch(batches[2]))
@@ -236,7 +255,7 @@ def test_an_evaluation_every_step_compiles_the_eval_function_once(tmp_path, pret
   caplog.set_level(logging.WARNING)
   jax.config.update("jax_log_compiles", True)
   try:
-    assert loop.run(cfg, tmp_path / "run") == 0
+    assert loop.run(loop.prepare(cfg, tmp_path / "run")) == 0
   finally:
     jax.config.update("jax_log_compiles", False)
   compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation of" in r.getMessage()]

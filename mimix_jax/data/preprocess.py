@@ -20,6 +20,7 @@ tokens_stored, examples (records the loader serves), shards, tokenizer_sha256 an
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import multiprocessing
 import random
@@ -35,6 +36,7 @@ from mimix_jax.data import readers, schemas, shards
 from mimix_jax.data.stages import STAGES, TaskResult
 from mimix_jax.text.tokenizer import Tokenizer
 
+ENCODE_ERROR = "encode_error"
 TASK_BYTES = 1 << 19  # raw bytes per task: large enough to amortize the hand-off, small enough to balance
 TASK_ITEMS = 4096
 MAX_EXAMPLES = 10  # bad records reported by location
@@ -74,6 +76,21 @@ def init_worker(options: Options) -> None:
 
 
 def process_task(items: list[readers.Item]) -> TaskResult:
+  """One task's tokens; a record that fails in an unforeseen way is found by encoding the items one by one, and
+  skipped as ENCODE_ERROR, so that it costs only itself."""
+  try:
+    return _encode(items)
+  except Exception:  # noqa: BLE001 (anything a tokenizer or schema may raise on a record nobody foresaw)
+    res = TaskResult()
+    for item in items:
+      try:
+        res.extend(_encode([item]))
+      except Exception as e:  # noqa: BLE001
+        res.extend(TaskResult(records=int(item.first), bad=[(item.loc, ENCODE_ERROR, f"{type(e).__name__}: {e}")]))
+    return res
+
+
+def _encode(items: list[readers.Item]) -> TaskResult:
   o: Options = _worker["options"]
   res = TaskResult(records=sum(item.first for item in items))
   STAGES[o.stage].encode(items, o, _worker["tok"], res)
@@ -112,20 +129,32 @@ def _payload_size(payload: Any) -> int:
 
 
 def _ordered_map(options: Options, tasks: Iterable[list[readers.Item]]) -> Iterator[TaskResult]:
-  """process_task over tasks, in order; with workers > 1 in a process pool, at most 2 tasks per worker in flight."""
+  """process_task over tasks, in order; with workers > 1 in a process pool, at most 2 tasks per worker in flight.
+
+  A worker that dies (the OOM killer's usual victim) breaks the pool: the run fails at once, naming the records
+  that were in flight, instead of waiting for a result that never comes.
+  """
   if options.workers <= 1:
     init_worker(options)
     yield from map(process_task, tasks)
     return
   ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-  with ctx.Pool(options.workers, initializer=init_worker, initargs=(options,)) as pool:
+  with concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=init_worker,
+                                              initargs=(options,)) as pool:
     pending: collections.deque = collections.deque()
-    for task in tasks:
-      pending.append(pool.apply_async(process_task, (task,)))
-      if len(pending) >= 2 * options.workers:
-        yield pending.popleft().get()
-    while pending:
-      yield pending.popleft().get()
+    try:
+      for task in tasks:
+        pending.append((task, pool.submit(process_task, task)))
+        if len(pending) >= 2 * options.workers:
+          yield pending[0][1].result()
+          pending.popleft()
+      while pending:
+        yield pending[0][1].result()
+        pending.popleft()
+    except concurrent.futures.process.BrokenProcessPool:
+      spans = sorted({f"{task[0].loc} .. {task[-1].loc}" for task, _ in pending})
+      raise PreprocessError(f"a worker process died (killed, or out of memory?) while tokenizing {'; '.join(spans)}; "
+                            "nothing was written: re-run, with fewer --workers if memory is short") from None
 
 
 @dataclasses.dataclass

@@ -43,6 +43,10 @@ TXT_MAX_HOLD = 1 << 24
 _TXT_SEP = re.compile(rb"^<\|endoftext\|>\r?\n", re.M)  # a separator line (complete: its newline was read)
 _TXT_SEP_AT_EOF = re.compile(rb"^<\|endoftext\|>\r?(?:\n|\Z)", re.M)
 _PARAGRAPH_CUT = re.compile(splitting.PARAGRAPH_BREAK.encode())  # parts end where the tokenizer cuts anyway
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NON_SPACE = re.compile(r"\S")
+_DECODER = json.JSONDecoder()
+BOM = "\ufeff".encode()
 
 
 class InputError(ValueError):
@@ -142,27 +146,83 @@ def iter_items(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
 def _jsonl(path: Path) -> Iterator[Item]:
   with _open_binary(path) as f:
     for n, line in enumerate(f, 1):
+      if n == 1:
+        line = line.removeprefix(BOM)
       if line.strip():  # blank lines (e.g. a trailing one) are not records
         yield Item(f"{path}:{n}", "json", line, line=n)
 
 
 def _json(path: Path) -> Iterator[Item]:
+  """The records of one JSON value: each element of a top-level list (a single object is one record), parsed one
+  at a time so that a malformed or too deeply nested element costs only itself."""
   with _open_binary(path) as f:
     raw = f.read()
-  if not raw.strip():
-    return
   try:
-    data = json.loads(raw.decode("utf-8"))
+    text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     yield Item(str(path), "error", (INVALID_UTF8, str(e)))
     return
-  except json.JSONDecodeError as e:
-    yield Item(f"{path}:{e.lineno}", "error", (MALFORMED_JSON, e.msg))
+  pos = _skip_space(text, 0)
+  if pos == len(text):
     return
-  if not isinstance(data, list):
-    data = [data]  # a single object is one record
-  for n, obj in enumerate(data, 1):
-    yield Item(f"{path}#{n}", "obj", obj, line=n)
+  if text[pos] != "[":
+    yield _json_element(path, text, pos, 1)[0]
+    return
+  pos, n = _skip_space(text, pos + 1), 0
+  while pos < len(text) and text[pos] != "]":
+    n += 1
+    item, end = _json_element(path, text, pos, n)
+    yield item
+    if end < 0:
+      yield Item(f"{path}#{n}", "error", (MALFORMED_JSON, "the list cannot be read past this element"))
+      return
+    pos = _skip_space(text, end)
+    if pos < len(text) and text[pos] == ",":
+      pos = _skip_space(text, pos + 1)
+
+
+def _json_element(path: Path, text: str, pos: int, n: int) -> tuple[Item, int]:
+  """The n-th element, starting at text[pos], and the offset where it ends (-1 if that cannot be found)."""
+  try:
+    obj, end = _DECODER.raw_decode(text, pos)
+    return Item(f"{path}#{n}", "obj", obj, line=n), end
+  except json.JSONDecodeError as e:
+    detail = e.msg
+  except RecursionError:
+    detail = "nested too deeply to parse"
+  line = text.count("\n", 0, pos) + 1
+  return Item(f"{path}#{n}", "error", (MALFORMED_JSON, f"{detail} (the element at line {line})"), line=n), \
+      _value_end(text, pos)
+
+
+def _skip_space(text: str, pos: int) -> int:
+  m = _NON_SPACE.search(text, pos)
+  return m.start() if m else len(text)
+
+
+def _value_end(text: str, pos: int) -> int:
+  """Where the JSON value starting at `pos` ends, from bracket depth outside strings (no recursion); -1 if never."""
+  depth, in_string, escaped = 0, False, False
+  for i in range(pos, len(text)):
+    c = text[i]
+    if in_string:
+      if escaped:
+        escaped = False
+      elif c == "\\":
+        escaped = True
+      elif c == '"':
+        in_string = False
+    elif c == '"':
+      in_string = True
+    elif c in "[{":
+      depth += 1
+    elif c in "]}":
+      depth -= 1
+      if depth <= 0:
+        return i + 1 if depth == 0 else i  # past this value, or at the enclosing list's end
+    elif c == "," and depth == 0:
+      return i
+  return -1
 
 
 def _csv(path: Path) -> Iterator[Item]:
@@ -193,7 +253,7 @@ def _parquet(path: Path, columns: Sequence[str] | None) -> Iterator[Item]:
 def _txt(path: Path) -> Iterator[Item]:
   """Documents (split at separator lines) in parts of about TXT_PART_BYTES, cut where a paragraph starts."""
   with _open_binary(path) as f:
-    buf, eof, first, line, want = b"", False, True, 1, 2 * TXT_PART_BYTES
+    buf, eof, first, line, want = f.read(len(BOM)).removeprefix(BOM), False, True, 1, 2 * TXT_PART_BYTES
     while True:
       sep = (_TXT_SEP_AT_EOF if eof else _TXT_SEP).search(buf)
       if sep is None and not eof and len(buf) < want:
@@ -240,23 +300,40 @@ def _part_cut(buf: bytes, pos: int, end: int, may_force: bool) -> int | None:
 
 
 def parse(item: Item) -> Any:
-  """The decoded record of a "json" or "obj" item; raises RecordError for invalid UTF-8 or malformed JSON."""
+  """The decoded record of a "json" or "obj" item; raises RecordError for invalid UTF-8 (also a lone surrogate
+  escape such as "\\ud800", valid JSON that no tokenizer can encode), malformed or too deeply nested JSON."""
   if item.kind == "json":
     try:
-      text = item.payload.decode("utf-8")
+      record = json.loads(item.payload.decode("utf-8"))
     except UnicodeDecodeError as e:
       raise RecordError(INVALID_UTF8, str(e)) from None
-    try:
-      return json.loads(text)
     except json.JSONDecodeError as e:
       raise RecordError(MALFORMED_JSON, f"{e.msg} at column {e.colno}") from None
-  if item.kind == "obj":
-    if isinstance(item.payload, dict):
-      for key, value in item.payload.items():
-        if isinstance(value, str) and not _is_utf8(value):  # csv rows read with surrogateescape
-          raise RecordError(INVALID_UTF8, f"field {key!r} is not valid UTF-8")
-    return item.payload
-  raise TypeError(f"parse() does not handle {item.kind!r} items")
+    except RecursionError:
+      raise RecordError(MALFORMED_JSON, "nested too deeply to parse") from None
+  elif item.kind == "obj":
+    record = item.payload
+  else:
+    raise TypeError(f"parse() does not handle {item.kind!r} items")
+  bad = _first_invalid_string(record)
+  if bad is not None:  # csv rows are read with surrogateescape; JSON may spell lone surrogates
+    raise RecordError(INVALID_UTF8, f"{bad} is not valid UTF-8 (a lone surrogate or an undecodable byte)")
+  return record
+
+
+def _first_invalid_string(record: Any) -> str | None:
+  """The path ("field", "messages[2].content") of the first string holding a surrogate, walked without recursion."""
+  todo = [("", record)]
+  while todo:
+    where, value = todo.pop()
+    if isinstance(value, str):
+      if _SURROGATE.search(value):
+        return f"field {where or 'value'!r}"
+    elif isinstance(value, dict):
+      todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+      todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+  return None
 
 
 def decode_text(item: Item) -> tuple[str, list[tuple[str, str, str]]]:
@@ -273,11 +350,3 @@ def decode_text(item: Item) -> tuple[str, list[tuple[str, str, str]]]:
     except UnicodeDecodeError as e:
       bad.append((f"{path}:{n}", INVALID_UTF8, str(e)))
   return "".join(kept), bad
-
-
-def _is_utf8(s: str) -> bool:
-  try:
-    s.encode("utf-8")
-    return True
-  except UnicodeEncodeError:
-    return False

@@ -42,6 +42,20 @@ class TaskResult:
   sequences: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
   pairs: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = dataclasses.field(default_factory=list)
 
+  def extend(self, other: "TaskResult") -> None:
+    """Appends the results of the items after this result's (the same stage)."""
+    self.records += other.records
+    self.written += other.written
+    self.tokens_total += other.tokens_total
+    self.bad += other.bad
+    self.truncated.update(other.truncated)
+    self.sequences += other.sequences
+    self.pairs += other.pairs
+    if other.tokens is not None:
+      for name in ("tokens", "lengths", "first", "last"):
+        mine = getattr(self, name)
+        setattr(self, name, getattr(other, name) if mine is None else np.concatenate([mine, getattr(other, name)]))
+
 
 def _encode_pretrain(items: list[readers.Item], o: Options, tok: Tokenizer, res: TaskResult) -> None:
   texts, first, last = [], [], []

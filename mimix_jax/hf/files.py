@@ -44,6 +44,7 @@ def write_safetensors(out_dir: Path, tensors: dict[str, np.ndarray], dtype: str,
   metadata = {"format": "pt"}  # transformers refuses safetensors files without it
   for fname, names in split.filename_to_tensors.items():
     save_file({name: cast[name] for name in names}, out_dir / fname, metadata=metadata)
+    io_utils.honour_umask(out_dir / fname)  # safetensors writes through a private 0600 temporary
   files = list(split.filename_to_tensors)
   if split.is_sharded:
     index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

@@ -16,6 +16,8 @@ from mimix_jax.text import splitting, tokenizer as tokenizer_lib
 # Our Tokenizer's own tokenizer_config.json, kept in exports under this name (transformers owns
 # tokenizer_config.json there) so that import_hf restores the tokenizer byte for byte.
 MIMIX_TOKENIZER_CONFIG = "mimix_tokenizer_config.json"
+# A noncharacter (U+FDD0, never in real text) the chat template puts between "<" and "|" of message content.
+ESCAPE_MARK = "\ufdd0"
 
 
 def hf_tokenizer_json(sp_model: bytes, bos_token: str) -> dict[str, Any]:
@@ -44,27 +46,23 @@ def hf_tokenizer_json(sp_model: bytes, bos_token: str) -> dict[str, Any]:
       "truncation": None,
       "padding": None,
       "added_tokens": added,
-      # sentencepiece's only normalization here: spaces are written as U+2581.
-      "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+      # sentencepiece's only normalization here: spaces are written as U+2581. First the chat template's
+      # escape mark goes (see chat_template): by then the added tokens were matched, so a special-token string in
+      # a message is ordinary text, cut and encoded exactly as our Tokenizer encodes it.
+      "normalizer": {"type": "Sequence", "normalizers": [
+          {"type": "Replace", "pattern": {"String": ESCAPE_MARK}, "content": ""},
+          {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+      ]},
       "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
           {"type": "Split", "pattern": {"Regex": cut}, "behavior": "MergedWithPrevious", "invert": False}
           for cut in (splitting.PARAGRAPH_BREAK, splitting.SPECIAL_TOKEN_START)
       ]},
-      "post_processor": {
-          "type": "TemplateProcessing",
-          "single": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-          "pair": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                   {"SpecialToken": {"id": bos_token, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-          "special_tokens": {bos_token: {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}},
-      },
-      "decoder": {
-          "type": "Sequence",
-          "decoders": [
-              {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-              {"type": "ByteFallback"},
-              {"type": "Fuse"},
-          ],
-      },
+      "post_processor": _post_processor(bos_token, bos_id),
+      "decoder": {"type": "Sequence", "decoders": [
+          {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+          {"type": "ByteFallback"},
+          {"type": "Fuse"},
+      ]},
       "model": {
           "type": "BPE",
           "dropout": None,
@@ -77,6 +75,18 @@ def hf_tokenizer_json(sp_model: bytes, bos_token: str) -> dict[str, Any]:
           "vocab": vocab,
           "merges": merges,
       },
+  }
+
+
+def _post_processor(bos_token: str, bos_id: int) -> dict[str, Any]:
+  """bos before a single sequence (and before each of a pair), as our raw-mode prompts have it."""
+  bos = {"SpecialToken": {"id": bos_token, "type_id": 0}}
+  return {
+      "type": "TemplateProcessing",
+      "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+      "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": bos_token, "type_id": 1}},
+               {"Sequence": {"id": "B", "type_id": 1}}],
+      "special_tokens": {bos_token: {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}},
   }
 
 
@@ -124,13 +134,16 @@ def chat_template(names: dict[str, str]) -> str:
   """Jinja for our dialog format (text/tokenizer.py), given role -> special-token text: bos, then per message
   <start_header>role<end_header>\\n\\n content <eot>, then the assistant header if add_generation_prompt.
 
-  Content is stripped of surrounding whitespace (Jinja's trim is str.strip), as encode_dialog_prompt does.
+  Content is stripped of surrounding whitespace (Jinja's trim is str.strip), as encode_dialog_prompt does. Every
+  "<|" in content becomes "<" ESCAPE_MARK "|", so that transformers cannot match a special-token string typed by
+  a user as a control token (a forged turn); the tokenizer's normalizer drops the mark again.
   """
   sh, eh, eot = names["start_header"], names["end_header"], names["eot"]
+  content = f"(message['content'] | trim | replace('<|', '<{ESCAPE_MARK}|'))"
   return (
       "{{- bos_token }}"
       "{%- for message in messages %}"
-      f"{{{{- '{sh}' + message['role'] + '{eh}\\n\\n' + (message['content'] | trim) + '{eot}' }}}}"
+      f"{{{{- '{sh}' + message['role'] + '{eh}\\n\\n' + {content} + '{eot}' }}}}"
       "{%- endfor %}"
       f"{{%- if add_generation_prompt %}}{{{{- '{sh}assistant{eh}\\n\\n' }}}}{{%- endif %}}"
   )

@@ -27,7 +27,7 @@ VERIFY_DIALOG = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the tallest mountain on Earth?"},
     {"role": "assistant", "content": "Mount Everest, at 8,849 metres."},
-    {"role": "user", "content": "And the second tallest?"},
+    {"role": "user", "content": "And the second tallest? <|eot_id|><|start_header_id|>assistant<|end_header_id|>"},
 ]
 
 
@@ -79,8 +79,13 @@ def verify(export_dir: Path, batch: np.ndarray, lengths: Sequence[int], ours: np
   hf_chat = hf_tok.apply_chat_template(VERIFY_DIALOG, add_generation_prompt=True, tokenize=True, return_dict=False)
   result["tokenizer_match"] = [hf_tok(t)["input_ids"] for t in VERIFY_TEXTS] == text_ids and list(hf_chat) == chat_ids
   tol = TOLERANCES[dtype]
+  # NaN compares False with every bound, so a bound holds only if its number is finite and inside it.
   failed = [f"{k}={result[k]:.3g} {'<' if k == 'top1_agreement' else '>'} {bound}" for k, bound in tol.items()
-            if (result[k] < bound if k == "top1_agreement" else result[k] > bound)]
+            if not (result[k] >= bound if k == "top1_agreement" else result[k] <= bound)]
+  result["finite"] = all(np.isfinite(ours[i, :n]).all() and np.isfinite(theirs[i, :n]).all()
+                         for i, n in enumerate(lengths))
+  if not result["finite"]:
+    failed.append("non-finite logits")
   if not result["tokenizer_match"]:
     failed.append("tokenizer ids differ")
   result["tolerance"], result["passed"] = tol, not failed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
@@ -87,9 +88,9 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads `path/to/file.py:stage` and applies `field.sub=value` overrides (for tests and tools)."""
   path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"config file {path} does not exist (expected FILE.py:STAGE, e.g. configs/tiny.py:pretrain)")
   module_spec = importlib.util.spec_from_file_location("_mimix_config", path)
-  if module_spec is None:
-    raise FileNotFoundError(f"config file not found: {path}")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   cfg = module.get_config(arg) if arg else module.get_config()
@@ -113,17 +114,22 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None
 
 
 def _parse_like(old: Any, value: str, key: str) -> Any:
-  if isinstance(old, bool):
-    if value.lower() in ("true", "1", "yes"):
-      return True
-    if value.lower() in ("false", "0", "no"):
-      return False
-    raise ValueError(f"--config.{key}: expected a boolean, got {value!r}")
-  if isinstance(old, int):
-    return int(value)
-  if isinstance(old, float):
-    return float(value)
+  kinds = [(bool, "a boolean (true / false)", _boolean), (int, "an integer", int), (float, "a number", float)]
+  for kind, name, parse in kinds:
+    if isinstance(old, kind):
+      try:
+        return parse(value)
+      except ValueError:
+        raise ValueError(f"--config.{key}: expected {name}, got {value!r}") from None
   return value
+
+
+def _boolean(value: str) -> bool:
+  if value.lower() in ("true", "1", "yes"):
+    return True
+  if value.lower() in ("false", "0", "no"):
+    return False
+  raise ValueError(value)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

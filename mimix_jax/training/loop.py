@@ -1,11 +1,14 @@
-"""The train loop of one stage: resume or initialise, then step, log, evaluate and checkpoint to total_steps.
+"""The train loop of one stage: check everything (prepare), then resume or initialise, step, log, evaluate and
+checkpoint to total_steps (run).
 
-Running it again on the same run directory resumes exactly from the latest complete checkpoint (same data order,
-same losses). SIGTERM / SIGINT save a checkpoint at the next step boundary and stop.
+Running it again on the same run directory resumes exactly from the newest good checkpoint (same data order,
+same losses). SIGTERM / SIGINT save a checkpoint at the next step boundary and stop with EXIT_INTERRUPTED; only a
+run that reached total_steps exits 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import signal
@@ -19,105 +22,187 @@ from mimix_jax import io_utils
 from mimix_jax.data import pipeline, shards
 from mimix_jax.model import sharding
 from mimix_jax.model.config import ModelConfig
+from mimix_jax.text.tokenizer import Tokenizer
 from mimix_jax.training import checkpoints, dpo_reference, objectives, run_dir as run_dir_lib
 from mimix_jax.training.metrics import MetricsLogger
 from mimix_jax.training.step import TrainStep
 
 ARCHITECTURE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "rope_base", "norm_eps",
                        "vocab_multiple")
-NONFINITE_EXIT = 3  # too many non-finite steps in a row
+# Exit codes a chain (run_all.sh) and a scheduler (SLURM requeue) can act on; 2 is a user error (train.py).
+EXIT_NONFINITE = 3  # max_nonfinite_steps non-finite steps in a row: the run halted
+EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (EX_IOERR); the previous one stays
+EXIT_INTERRUPTED = 75  # SIGTERM / SIGINT: saved, resumable by running the same command (EX_TEMPFAIL)
 
 
-def run(cfg: ml_collections.ConfigDict, run_dir: Path, command: str = "") -> int:
-  """Trains to cfg.total_steps in run_dir, resuming from its latest checkpoint; returns an exit code."""
+class TrainError(Exception):
+  """A run that cannot go on, for a reason the user can act on; `exit_code` says which."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A stage whose config, data, tokenizer and starting point were checked, before anything is written."""
+
+  cfg: ml_collections.ConfigDict
+  run_dir: Path
+  objective: objectives.Objective
+  step: TrainStep
+  manifest: dict
+  tokenizer_dir: Path
+  generation: dict
+
+
+def prepare(cfg: ml_collections.ConfigDict, run_dir: Path) -> Prepared:
+  """Raises ValueError / FileNotFoundError naming the field or file (user errors) and writes nothing.
+
+  An unset model.vocab_size (0) becomes the tokenizer's; any other mismatch is refused, as are shards made with
+  another tokenizer, of another objective or max_len, and an init_from of another architecture.
+  """
+  source = run_dir_lib.read_run_info(cfg.init_from) if cfg.init_from else None
+  tokenizer_dir = _tokenizer_dir(cfg, source)
+  tok = Tokenizer.load(tokenizer_dir)
+  if cfg.model.vocab_size == 0:
+    cfg.model.vocab_size = tok.vocab_size
+  elif cfg.model.vocab_size != tok.vocab_size:
+    raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer {tokenizer_dir} has "
+                     f"{tok.vocab_size} ids: set --config.model.vocab_size={tok.vocab_size} (or 0: the tokenizer's)")
   objective = objectives.from_config(cfg)
-  mesh = sharding.make_mesh(**cfg.mesh)
-  step = TrainStep(cfg, objective, mesh)
+  step = TrainStep(cfg, objective, sharding.make_mesh(**cfg.mesh))
+  if source is not None:
+    _check_same_architecture(step.model_cfg, source.model, cfg.init_from)
+  if not cfg.data.train_path:
+    raise ValueError("data.train_path is not set: give --config.data.train_path=SHARD_DIR (python -m mimix_jax.preprocess)")
   manifest = shards.read_manifest(cfg.data.train_path)
-  _check_data(cfg, objective, manifest)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_run_files(cfg, step.model_cfg, run_dir, manifest, command)
+  _check_data(cfg, objective, manifest, tok, "data.train_path")
+  if cfg.data.eval_path:
+    _check_data(cfg, objective, shards.read_manifest(cfg.data.eval_path), tok, "data.eval_path")
+  generation = dict(source.generation if source else run_dir_lib.DEFAULT_GENERATION)
+  if shards.LAYOUTS[manifest["stage"]].chat:  # trained on conversations: a chat model, no hand edit needed
+    generation["mode"] = "chat"
+  return Prepared(cfg, Path(run_dir), objective, step, manifest, Path(tokenizer_dir), generation)
 
-  ckpt = checkpoints.TrainCheckpointer(run_dir, cfg.keep_checkpoints, cfg.keep_every)
-  start = ckpt.latest_step()
-  state = initial = None
-  if start is None:
-    start = 0
-    state = step.init_state(cfg.seed, _initial_params(cfg, step))
-    initial = state["params"]
-  references = dpo_reference.tables(cfg, step, initial, run_dir) if objective.needs_reference else {}
-  iterator = pipeline.make_iterator(
-      cfg.data.train_path, stage=objective.data_stage, global_batch_size=cfg.batch_size, seed=cfg.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), worker_count=cfg.data.worker_count,
-      reference_logps=references.get("train"))
-  meta = {"nonfinite_run": 0}
-  if state is None:
-    state, data_state, meta = ckpt.restore(start, step.abstract_state, step.state_shardings)
-    iterator.set_state(json.loads(data_state))
-    print(f"resumed from {run_dir}/checkpoints/{start}", flush=True)
 
-  logger = MetricsLogger(run_dir, cfg.total_steps, start, step.model_cfg.flops_per_token(cfg.max_len),
-                         step.tokens_per_step, enabled=jax.process_index() == 0)
-  with _StopFlag() as stop:
-    exit_code, end = _train(cfg, step, state, iterator, ckpt, logger, stop, start, meta, references.get("eval"))
-  logger.close()
-  if jax.process_index() == 0 and exit_code == 0:
-    print(json.dumps({"objective": cfg.objective, "run_dir": str(run_dir), "step": end,
+def run(p: Prepared, command: str = "") -> int:
+  """Trains to total_steps in the run dir, resuming from its newest good checkpoint; returns an exit code.
+
+  Raises TrainError (a one-line reason and an exit code) and run_dir.RunInUse.
+  """
+  cfg, step = p.cfg, p.step
+  main_process = jax.process_index() == 0
+  p.run_dir.mkdir(parents=True, exist_ok=True)
+  with run_dir_lib.RunLock(p.run_dir) if main_process else _no_lock():
+    if main_process:
+      _write_run_files(p, command)
+    ckpt = checkpoints.TrainCheckpointer(p.run_dir, cfg.keep_checkpoints, cfg.keep_every)
+    restored = ckpt.restore_latest(step.abstract_state, step.state_shardings)
+    if restored is None:
+      start, data_state = 0, None
+      state = step.init_state(cfg.seed, _initial_params(cfg, step))
+    else:
+      start, state, data_state = restored
+      print(f"resumed from {p.run_dir}/checkpoints/{start}", flush=True)
+    initial = state["params"] if restored is None else None
+    references = dpo_reference.tables(cfg, step, initial, p.run_dir) if p.objective.needs_reference else {}
+    iterator = pipeline.make_iterator(
+        cfg.data.train_path, stage=p.objective.data_stage, global_batch_size=cfg.batch_size, seed=cfg.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), worker_count=cfg.data.worker_count,
+        reference_logps=references.get("train"))
+    if data_state is not None:
+      iterator.set_state(json.loads(data_state))
+    logger = MetricsLogger(p.run_dir, cfg.total_steps, start, step.model_cfg.flops_per_token(cfg.max_len),
+                           step.tokens_per_step, enabled=main_process)
+    try:
+      with _StopFlag() as stop:
+        end = _train(cfg, step, state, iterator, ckpt, logger, stop, start, references.get("eval"))
+    finally:
+      logger.close()
+  if main_process:
+    print(json.dumps({"objective": cfg.objective, "run_dir": str(p.run_dir), "step": end,
                       "loss": logger.history[-1][1] if logger.history else None}), flush=True)
-  return exit_code
+  return 0
 
 
-def _initial_params(cfg: ml_collections.ConfigDict, step: TrainStep) -> dict | None:
-  """init_from's params (checked to be the same architecture), or None for a fresh initialisation."""
-  if not cfg.init_from:
-    return None
-  _check_same_architecture(step.model_cfg, run_dir_lib.read_run_info(cfg.init_from).model, cfg.init_from)
-  params = checkpoints.load_params(cfg.init_from, step.model_cfg, step.state_shardings["params"])
-  print(f"initialised params from {cfg.init_from}", flush=True)
-  return params
-
-
-def _train(cfg, step: TrainStep, state, iterator, ckpt, logger, stop, start: int, meta: dict, eval_reference):
-  """The loop itself; returns (exit code, the last step trained)."""
-  nonfinite_run = meta.get("nonfinite_run", 0)
+def _train(cfg, step: TrainStep, state, iterator, ckpt, logger, stop, start: int, eval_reference) -> int:
+  """The loop itself; returns the last step trained (total_steps) or raises TrainError."""
   data_state = json.dumps(iterator.get_state()).encode()  # after the last batch trained on
-  last_saved = n = start
-  exit_code = 0
-
-  def save(force=False):
-    nonlocal last_saved
-    ckpt.save(n, state, data_state, {"nonfinite_run": nonfinite_run}, force=force)
-    last_saved = n
-    logger.plot()
-
+  saver = _Saver(ckpt, logger, start)
   batches = pipeline.prefetch_to_device(iterator, step.device_batch, cfg.data.prefetch)
+  n = start
   with sharding.activate(step.mesh):
-    while n < cfg.total_steps:
-      batch, data_state = next(batches)
-      state, metrics = step(state, batch)
-      n += 1
-      if n % cfg.log_every == 0 or n == cfg.total_steps or stop.requested:
-        metrics = jax.device_get(metrics)
-        nonfinite_run = 0 if metrics["finite"] else nonfinite_run + 1
-        record = logger.log(n, metrics)
-        if not metrics["finite"]:
-          logger.write(f"step {n}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)")
-        if nonfinite_run >= cfg.max_nonfinite_steps:
-          logger.write(f"stopping: {nonfinite_run} consecutive non-finite steps (loss {record['loss']})")
-          exit_code = NONFINITE_EXIT
-          break
-      if cfg.data.eval_path and ((cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.total_steps):
-        logger.log_eval(n, evaluate_split(cfg, step, state["params"], eval_reference))
-      if n % cfg.save_every_steps == 0 and n < cfg.total_steps:
-        save()
-      if stop.requested:
-        logger.write(f"signal received: saving step {n} and exiting")
-        break
-    if n != last_saved:
-      save(force=True)
-    ckpt.close()
-  return exit_code, n
+    try:
+      while n < cfg.total_steps and not stop.requested:
+        batch, data_state = next(batches)
+        state, metrics = step(state, batch)
+        n += 1
+        ckpt.check()
+        if n % cfg.log_every == 0 or n == cfg.total_steps or stop.requested:
+          _log(logger, n, jax.device_get(metrics), cfg.max_nonfinite_steps)
+        if cfg.data.eval_path and ((cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.total_steps):
+          logger.log_eval(n, evaluate_split(cfg, step, state["params"], eval_reference))
+        saver.maybe_save(n, state, data_state, due=n % cfg.save_every_steps == 0 and n < cfg.total_steps)
+      saver.save(n, state, data_state)
+      ckpt.close()  # waits for the last save: a failure surfaces here
+    except Exception as e:
+      failure = _save_failure(e, saver.last_saved)
+      try:
+        ckpt.close()  # finish the save in flight, if any
+      except Exception:  # noqa: BLE001 (its error would hide the one being raised)
+        pass
+      raise failure or e
+  if stop.requested:
+    raise TrainError(f"signal received: saved step {saver.last_saved}; run the same command to resume",
+                     EXIT_INTERRUPTED)
+  return n
+
+
+def _log(logger: MetricsLogger, n: int, metrics: dict, max_nonfinite: int) -> None:
+  record = logger.log(n, metrics)
+  if not metrics["finite"]:
+    logger.write(f"step {n}: non-finite loss or gradient, update skipped ({metrics['nonfinite_run']} in a row, "
+                 f"{metrics['skipped_steps']} in all)")
+  if metrics["nonfinite_run"] >= max_nonfinite:
+    raise TrainError(f"stopped: {metrics['nonfinite_run']} consecutive non-finite steps (loss {record['loss']}); "
+                     "the newest checkpoint holds the last finite state: lower the learning rate, or check the "
+                     "data, and resume from it", EXIT_NONFINITE)
+
+
+class _Saver:
+  """Checkpoints every save_every_steps, but never in a run of non-finite steps: its saves would hold the same
+  weights at a later data position and could rotate out the last checkpoint taken on the finite path."""
+
+  def __init__(self, ckpt: checkpoints.TrainCheckpointer, logger: MetricsLogger, start: int):
+    self.ckpt, self.logger, self.last_saved, self.pending = ckpt, logger, start, False
+
+  def maybe_save(self, n: int, state: dict, data_state: bytes, due: bool) -> None:
+    if due or self.pending:
+      self.pending = int(jax.device_get(state["nonfinite"])) > 0  # a host sync only at (deferred) saves
+      if not self.pending:
+        self.save(n, state, data_state)
+
+  def save(self, n: int, state: dict, data_state: bytes) -> None:
+    if n != self.last_saved and int(jax.device_get(state["nonfinite"])) == 0:
+      self.ckpt.save(n, state, data_state, force=True)
+      self.last_saved = n
+      self.logger.plot()
+
+
+def _save_failure(e: Exception, last_saved: int) -> TrainError | None:
+  """A failed write into the run directory (a checkpoint in the background, metrics) as a one-line TrainError
+  (Orbax wraps the OS error; its root cause is the message)."""
+  if isinstance(e, TrainError):
+    return None
+  cause = e
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  if not isinstance(cause, OSError):
+    return None
+  return TrainError(f"writing to the run directory failed ({type(cause).__name__}: {cause}); the newest complete "
+                    f"checkpoint is step {last_saved}: fix the cause (disk space?) and run the same command to resume",
+                    EXIT_SAVE_FAILED)
 
 
 def evaluate_split(cfg, step: TrainStep, params, reference_logps) -> dict[str, float]:
@@ -130,6 +215,24 @@ def evaluate_split(cfg, step: TrainStep, params, reference_logps) -> dict[str, f
   return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in sums.items()}}
 
 
+def _tokenizer_dir(cfg, source: run_dir_lib.RunInfo | None) -> str:
+  if cfg.tokenizer_path:
+    return cfg.tokenizer_path
+  if source is not None:
+    return str(source.tokenizer_dir)
+  raise ValueError("tokenizer_path is not set: give --config.tokenizer_path=DIR (python -m mimix_jax.tokenizer), "
+                   "or init_from a run, whose tokenizer is used")
+
+
+def _initial_params(cfg: ml_collections.ConfigDict, step: TrainStep) -> dict | None:
+  """init_from's params, or None for a fresh initialisation."""
+  if not cfg.init_from:
+    return None
+  params = checkpoints.load_params(cfg.init_from, step.model_cfg, step.state_shardings["params"])
+  print(f"initialised params from {cfg.init_from}", flush=True)
+  return params
+
+
 def _check_same_architecture(model_cfg: ModelConfig, source: ModelConfig, init_from: str) -> None:
   """init_from keeps the weights, so every architecture field must match (max_len, dtype, remat may change)."""
   for field in ARCHITECTURE_FIELDS:
@@ -139,38 +242,37 @@ def _check_same_architecture(model_cfg: ModelConfig, source: ModelConfig, init_f
                        f"(set --config.model.{field}={theirs})")
 
 
-def _check_data(cfg, objective: objectives.Objective, manifest: dict) -> None:
+def _check_data(cfg, objective: objectives.Objective, manifest: dict, tok: Tokenizer, field: str) -> None:
+  path = cfg.data[field.split(".")[1]]
   if manifest.get("stage") != objective.data_stage:
-    raise ValueError(f"{cfg.data.train_path}: shards are for stage {manifest.get('stage')!r}, objective "
-                     f"{cfg.objective!r} trains on {objective.data_stage!r} shards")
-  if int(manifest.get("vocab_size", 0)) > cfg.model.vocab_size:
-    raise ValueError(f"{cfg.data.train_path}: tokenizer has {manifest['vocab_size']} ids, the model only "
-                     f"{cfg.model.vocab_size} (set --config.model.vocab_size={manifest['vocab_size']})")
+    raise ValueError(f"{field} {path}: shards are for stage {manifest.get('stage')!r}, objective {cfg.objective!r} "
+                     f"trains on {objective.data_stage!r} shards (preprocess --stage {objective.data_stage})")
   if int(manifest.get("max_len", cfg.max_len)) != cfg.max_len:
-    raise ValueError(f"{cfg.data.train_path}: shards have max_len {manifest['max_len']}, config max_len is {cfg.max_len}"
+    raise ValueError(f"{field} {path}: shards have max_len {manifest['max_len']}, config max_len is {cfg.max_len}"
                      f" (re-run preprocessing with --max_len {cfg.max_len} or set --config.max_len)")
+  if manifest.get("tokenizer_sha256") not in (None, tok.sha256()):
+    raise ValueError(f"{field} {path}: shards were made with the tokenizer {manifest.get('tokenizer')}, not with "
+                     f"{Path(tok.model_path).parent} (a different one): re-run preprocessing with this tokenizer")
 
 
-def _write_run_files(cfg, model_cfg: ModelConfig, run_dir: Path, data_manifest: dict, command: str) -> None:
-  tokenizer_dir = cfg.tokenizer_path or None
-  generation = dict(run_dir_lib.DEFAULT_GENERATION)
-  if cfg.init_from:
-    source = run_dir_lib.read_run_info(cfg.init_from)
-    generation = source.generation
-    tokenizer_dir = tokenizer_dir or source.tokenizer_dir
-  if shards.LAYOUTS[data_manifest["stage"]].chat:  # trained on conversations: a chat model, no hand edit needed
-    generation = {**generation, "mode": "chat"}
-  if tokenizer_dir and not Path(tokenizer_dir).exists():
-    raise FileNotFoundError(f"tokenizer_path {tokenizer_dir} does not exist")
-  run_dir_lib.write_run_info(run_dir, model_cfg, tokenizer_dir, generation)
-  io_utils.write_json(run_dir / "config.json", cfg.to_dict(), sort_keys=True)
+def _write_run_files(p: Prepared, command: str) -> None:
+  run_dir_lib.write_run_info(p.run_dir, p.step.model_cfg, p.tokenizer_dir, p.generation)
+  io_utils.write_json(p.run_dir / "config.json", p.cfg.to_dict(), sort_keys=True)
   import flax, optax, orbax.checkpoint as ocp
-  io_utils.write_json(run_dir / "manifest.json", {
+  io_utils.write_json(p.run_dir / "manifest.json", {
       "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
       "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
       "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?"),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "processes": jax.process_count(),
-      "param_count": model_cfg.param_count(), "data": data_manifest}, sort_keys=True)
+      "param_count": p.step.model_cfg.param_count(), "data": p.manifest}, sort_keys=True)
+
+
+class _no_lock:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
 
 
 class _StopFlag:

@@ -85,9 +85,15 @@ class MetricsLogger:
       self.bar.write(message)
 
   def plot(self) -> None:
-    """Refreshes RUN_DIR/loss.png (called at each checkpoint)."""
+    """Refreshes RUN_DIR/loss.png (called at each checkpoint); a picture that cannot be written is only a warning."""
     if not self.enabled or not self.history:
       return
+    try:
+      self._plot()
+    except OSError as e:
+      self.write(f"warning: could not write {self.run_dir / 'loss.png'} ({e})")
+
+  def _plot(self) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -106,7 +112,10 @@ class MetricsLogger:
   def close(self) -> None:
     if self.enabled:
       self.plot()
-      self.tb.close()
+      try:
+        self.tb.close()
+      except OSError:  # a full disk: metrics.jsonl, written first, already reported it
+        pass
       self.bar.close()
 
 

@@ -15,9 +15,12 @@ A command's --checkpoint takes a run directory (its latest complete checkpoint) 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,41 @@ def read_run_info(path: Path | str) -> RunInfo:
   meta = json.loads((run_dir / "model.json").read_text())
   generation = {**DEFAULT_GENERATION, **meta.get("generation", {})}
   return RunInfo(run_dir, step_dir, ModelConfig.from_dict(meta["model"]), generation, run_dir / "tokenizer")
+
+
+class RunInUse(RuntimeError):
+  """Another live process holds the run directory."""
+
+
+class RunLock:
+  """An exclusive lock on a run directory for the life of the process (with-block).
+
+  flock on RUN_DIR/.lock: the OS releases it when the holder exits, crashes or is killed (-9 included), so a
+  stale lock never blocks a re-run, and a second train process on the same run is refused instead of racing
+  the first one's checkpoints. The file names the holder for the refusal message.
+  """
+
+  def __init__(self, run_dir: Path | str):
+    self.path = Path(run_dir) / ".lock"
+    self.fd: int | None = None
+
+  def __enter__(self) -> "RunLock":
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(self.fd, 4096).decode(errors="replace").strip() or "another process"
+      os.close(self.fd)
+      raise RunInUse(f"{self.path.parent} is in use by {holder}: wait for it to finish, or train into another "
+                     "--workdir") from None
+    except OSError as e:  # a file system without locks: train unprotected rather than not at all
+      print(f"warning: cannot lock {self.path} ({e}); make sure no other process trains into this run", flush=True)
+    os.ftruncate(self.fd, 0)
+    os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+             .encode())
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.fd is not None:
+      os.close(self.fd)  # releases the lock
+      self.fd = None

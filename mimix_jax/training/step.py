@@ -1,10 +1,14 @@
 """The train step: the sharded train state and the train and eval functions, each compiled once.
 
-State: {"params": pure dict (float32 master weights), "opt_state": optax state, "step": int32}. Params and the
-optimizer moments are sharded by the logical-axis rules; the batch is sharded over data x fsdp. One train step
-scans over A micro-batches (gradient accumulation), sums the objective's token- (or pair-) weighted losses and
-gradients, divides once by the global count, clips, and applies the optimizer; a non-finite loss or gradient
-leaves the state unchanged.
+State: {"params": pure dict (float32 master weights), "opt_state": optax state, "step", "nonfinite", "skipped":
+int32}. Params and the optimizer moments are sharded by the logical-axis rules; the batch is sharded over
+data x fsdp. One train step scans over A micro-batches (gradient accumulation), sums the objective's token- (or
+pair-) weighted losses and gradients, divides once by the global count, clips, and applies the optimizer.
+
+A non-finite loss or gradient leaves params and optimizer state unchanged and is counted on the device, every
+step, with no host sync: `nonfinite` is the current run of them, `skipped` the total. Once `nonfinite` reaches
+max_nonfinite_steps the step stops doing anything (the run has halted), so that the host, which looks only when
+it logs or saves, finds the state exactly as it was at the halt.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from mimix_jax.model import sharding, transformer
 from mimix_jax.training import config as config_lib, optimizer
 from mimix_jax.training.objectives import Objective
 
+SCALARS = ("step", "nonfinite", "skipped")  # the state's int32 counters
+
 
 class TrainStep:
   """What a run needs to step, for one config, objective and mesh: `step(state, batch) -> (state, metrics)`.
@@ -37,6 +43,7 @@ class TrainStep:
     self.objective, self.mesh = objective, mesh
     self.batch_size, self.grad_accum, self.max_len = cfg.batch_size, cfg.grad_accum_steps, cfg.max_len
     self.micro_batch = self._micro_batch(mesh)
+    self.max_nonfinite = cfg.max_nonfinite_steps
     self.tokens_per_step = self.batch_size * objective.sequences_per_example * self.max_len
     if self.model_cfg.n_kv_heads % mesh.shape["tensor"]:
       raise ValueError(f"model.n_kv_heads {self.model_cfg.n_kv_heads} is not divisible by mesh.tensor "
@@ -46,10 +53,10 @@ class TrainStep:
     abstract_params = transformer.abstract_params(self.model_cfg)
     param_sh = transformer.param_shardings(self.model_cfg, mesh)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    self.abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
-                           "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    self.abstract_state = {"params": abstract_params, "opt_state": abstract_opt, **{k: scalar for k in SCALARS}}
     self.state_shardings = {"params": param_sh, "opt_state": _mirror_param_shardings(abstract_opt, param_sh, mesh),
-                            "step": NamedSharding(mesh, P())}
+                            **{k: NamedSharding(mesh, P()) for k in SCALARS}}
 
   def _micro_batch(self, mesh: Mesh) -> int:
     if self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -68,7 +75,8 @@ class TrainStep:
     def init(params):
       if params is None:
         params = transformer.init_params(self.model_cfg, seed)
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+      zero = jnp.zeros((), jnp.int32)
+      return {"params": params, "opt_state": self.tx.init(params), **{k: zero for k in SCALARS}}
     with sharding.activate(self.mesh):
       return jax.jit(init, out_shardings=self.state_shardings)(params)
 
@@ -150,13 +158,19 @@ class TrainStep:
     loss = total / denom
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    halted = state["nonfinite"] >= self.max_nonfinite
+    update = finite & ~halted
     updates, new_opt = self.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)
+    moved = lambda new, old: jnp.where(halted, old, new)
     new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
-                 "step": state["step"] + 1}
+                 "step": moved(state["step"] + 1, state["step"]),
+                 "nonfinite": moved(jnp.where(finite, 0, state["nonfinite"] + 1), state["nonfinite"]),
+                 "skipped": moved(state["skipped"] + (~finite).astype(jnp.int32), state["skipped"])}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_schedule(state["step"]), "count": count,
-               "finite": finite, **{k: v / denom for k, v in sums.items()}}
+               "finite": finite, "nonfinite_run": new_state["nonfinite"], "skipped_steps": new_state["skipped"],
+               **{k: v / denom for k, v in sums.items()}}
     return new_state, metrics
 
 
