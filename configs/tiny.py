@@ -12,6 +12,7 @@ STAGES = ("pretrain", "pretrain_2048", "sft", "dpo")
 def get_config(stage="pretrain"):
   c = base.defaults()
   c.model = base.model_fields(preset("tiny", dtype="float32", scan_layers=False))
+  c.model.vocab_size = 0  # the tokenizer's (make demo trains 4096 ids)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.tokenizer_path = "demo_out/tokenizer"
   c.log_every = 5

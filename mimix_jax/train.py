@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     config_lib.validate(cfg)
     if args.dry_run:
       from mimix_jax.training import planner
+      if cfg.model.vocab_size == 0:  # the tokenizer's: it must exist to plan
+        loop.resolve_vocabulary(cfg)
       planner.report(cfg)
       return 0
     distributed.initialize(args)

@@ -62,7 +62,7 @@ def test_sliding_window_scores_every_target_once_whatever_the_batch_size(tok):
     np.testing.assert_allclose(r["loss"], results[0]["loss"], rtol=1e-6)
 
 
-def test_evaluate_command_prints_json_for_a_run_directory(tmp_path, tokenizer_dir):
+def test_evaluate_command_prints_json_for_a_run_directory(tmp_path, tokenizer_dir, pretrain_shards):
   run = tmp_path / "run"
   run_dir.write_run_info(run, CFG, tokenizer_dir, dict(run_dir.DEFAULT_GENERATION))
   checkpoints.save_params(run, 0, model_lib.init_params(CFG, 2))
@@ -77,3 +77,10 @@ def test_evaluate_command_prints_json_for_a_run_directory(tmp_path, tokenizer_di
   bad = subprocess.run([sys.executable, "-m", "mimix_jax.evaluate", "--checkpoint", str(tmp_path / "missing"),
                         "--data", str(SMALL_BOOKS[1])], capture_output=True, text=True, cwd=REPO)
   assert bad.returncode == 2 and "neither a run directory" in bad.stderr
+  # A shard directory (or any input with no text) scores nothing: an error, not a perplexity of 1.
+  empty = subprocess.run([sys.executable, "-m", "mimix_jax.evaluate", "--checkpoint", str(run), "--data",
+                          str(pretrain_shards), "--output", str(tmp_path / "none.json")], capture_output=True,
+                         text=True, cwd=REPO)
+  assert empty.returncode == 2 and "error: no text to score in" in empty.stderr
+  assert not any(line.startswith("{") for line in empty.stdout.splitlines())  # no result
+  assert not (tmp_path / "none.json").exists()

@@ -232,3 +232,62 @@ def test_a_full_disk_fails_the_run_at_the_next_step_and_a_rerun_resumes_bitwise(
     assert "resumed from" in out.stdout and losses_of(run) == losses_of(reference)
   finally:
     subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# ------------------------------------------------------------------ user errors: one line, exit 2, nothing left
+
+@pytest.fixture(scope="module")
+def sft_shards_64(tokenizer_dir, tmp_path_factory):
+  from conftest import SFT_DIR
+  out = tmp_path_factory.mktemp("sft64") / "sft"
+  assert run_preprocess(tokenizer_dir, out, "sft", [SFT_DIR / "chatterbot_en.jsonl.gz"], 64) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+  from conftest import train_tokenizer
+  return train_tokenizer([CORPUS_TRAIN / "shakespeare_macbeth.txt.gz"], 2000, tmp_path_factory.mktemp("tok2") / "t",
+                         "--seed", "7")
+
+
+USER_ERRORS = {
+    "missing tokenizer": (["--config.tokenizer_path={tmp}/no_tokenizer"], "no_tokenizer is not a tokenizer directory"),
+    "unset tokenizer": (["--config.tokenizer_path="], "tokenizer_path is not set"),
+    "unset data": (["--config.data.train_path="], "data.train_path is not set"),
+    "missing data": (["--config.data.train_path={tmp}/nothing"], "nothing: no manifest.json"),
+    "shards of another stage": (["--config.data.train_path={sft}"], "shards are for stage 'sft'"),
+    "another max_len": (["--config.max_len=32"], "shards have max_len 64, config max_len is 32"),
+    "missing init_from": (["--config.init_from={tmp}/no_run"], "no_run: neither a run directory"),
+    "impossible mesh": (["--config.mesh.tensor=3"], "mesh.data=1, mesh.fsdp=-1, mesh.tensor=3 does not divide"),
+    "batch": (["--config.grad_accum_steps=3"], "batch_size 4 is not divisible by grad_accum_steps 3"),
+    "remat": (["--config.model.remat=fulll"], "model.remat must be one of none, full, save_dots"),
+    "override type": (["--config.total_steps=many"], "--config.total_steps: expected an integer, got 'many'"),
+    "vocabulary": (["--config.model.vocab_size=3000"], "model.vocab_size is 3000 but the tokenizer"),
+    "another tokenizer": (["--config.tokenizer_path={tok2}"], "shards were made with the tokenizer"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USER_ERRORS))
+def test_user_errors_are_one_line_exit_2_and_leave_no_run_dir(name, tmp_path, pretrain_shards, tokenizer_dir,
+                                                              sft_shards_64, other_tokenizer):
+  overrides, message = USER_ERRORS[name]
+  fill = dict(tmp=tmp_path, sft=sft_shards_64, tok2=other_tokenizer)
+  run = tmp_path / "run"
+  out = run_train(train_cmd(run, pretrain_shards, tokenizer_dir, *[o.format(**fill) for o in overrides]))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.count("\n") == 1 and out.stderr.startswith("train: error: ") and message in out.stderr, out.stderr
+  assert not run.exists()
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+  out = run_train([sys.executable, "-m", "mimix_jax.train", "--config", "configs/nope.py:pretrain"])
+  assert out.returncode == 2 and out.stderr == ("train: error: config file configs/nope.py does not exist (expected "
+                                                "FILE.py:STAGE, e.g. configs/tiny.py:pretrain)\n")
+
+
+def test_an_unset_vocabulary_follows_the_tokenizer(tmp_path, pretrain_shards, tokenizer_dir):
+  run = tmp_path / "run"
+  cmd = [c for c in train_cmd(run, pretrain_shards, tokenizer_dir, steps=1) if "vocab_size" not in c]
+  assert run_train([*cmd, "--config.model.vocab_size=0"]).returncode == 0
+  assert json.loads((run / "model.json").read_text())["model"]["vocab_size"] == 2000

@@ -64,12 +64,7 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: Path) -> Prepared:
   """
   source = run_dir_lib.read_run_info(cfg.init_from) if cfg.init_from else None
   tokenizer_dir = _tokenizer_dir(cfg, source)
-  tok = Tokenizer.load(tokenizer_dir)
-  if cfg.model.vocab_size == 0:
-    cfg.model.vocab_size = tok.vocab_size
-  elif cfg.model.vocab_size != tok.vocab_size:
-    raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer {tokenizer_dir} has "
-                     f"{tok.vocab_size} ids: set --config.model.vocab_size={tok.vocab_size} (or 0: the tokenizer's)")
+  tok = resolve_vocabulary(cfg, tokenizer_dir)
   objective = objectives.from_config(cfg)
   step = TrainStep(cfg, objective, sharding.make_mesh(**cfg.mesh))
   if source is not None:
@@ -213,6 +208,20 @@ def evaluate_split(cfg, step: TrainStep, params, reference_logps) -> dict[str, f
     total, count = total + float(t), count + float(c)
     sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
   return {"loss": total / max(count, 1.0), **{k: v / max(count, 1.0) for k, v in sums.items()}}
+
+
+def resolve_vocabulary(cfg: ml_collections.ConfigDict, tokenizer_dir: str | Path | None = None) -> Tokenizer:
+  """The run's tokenizer; an unset model.vocab_size (0) becomes its size, any other must equal it."""
+  if tokenizer_dir is None:
+    source = run_dir_lib.read_run_info(cfg.init_from) if cfg.init_from else None
+    tokenizer_dir = _tokenizer_dir(cfg, source)
+  tok = Tokenizer.load(tokenizer_dir)
+  if cfg.model.vocab_size == 0:
+    cfg.model.vocab_size = tok.vocab_size
+  elif cfg.model.vocab_size != tok.vocab_size:
+    raise ValueError(f"model.vocab_size is {cfg.model.vocab_size} but the tokenizer {tokenizer_dir} has "
+                     f"{tok.vocab_size} ids: set --config.model.vocab_size={tok.vocab_size} (or 0: the tokenizer's)")
+  return tok
 
 
 def _tokenizer_dir(cfg, source: run_dir_lib.RunInfo | None) -> str:
