@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 from mimix_jax.evaluation.tasks import RowError, Task
 
@@ -56,11 +56,9 @@ def describe(schema: dict[str, Any]) -> str:
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-  """(row number, row) of a .jsonl or .parquet file, missing columns filled with None."""
+  """(row number, row) of a .jsonl or .parquet file."""
   path = Path(path)
-  rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
-  columns = dict.fromkeys(k for _, row in rows for k in row)
-  return [(n, {k: row.get(k) for k in columns} if len(row) < len(columns) else row) for n, row in rows]
+  return _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
@@ -117,23 +115,25 @@ def _type_name(value: Any) -> str:
   return "null" if value is None else type(value).__name__
 
 
-def to_doc(task: Task, row: dict) -> dict:
-  """A raw row -> lm-eval's doc (after process_docs), or RowError."""
+def check_row(task: Task, row: dict) -> None:
+  """RowError unless the row has the task's fields, of the hub's types, with consistent values."""
   for field, spec in task.schema.items():
     if field not in row:
       raise RowError(field, "is missing")
     _check_type(row[field], spec, field)
   task.check(row)
-  return task.process(row)
 
 
-def docs_from_rows(task: Task, rows: Iterable[tuple[int, dict]], where: str) -> list[dict]:
+def docs_from_rows(task: Task, rows: Sequence[tuple[int, dict]], where: str) -> list[dict]:
+  """lm-eval's docs (after process_docs) of checked rows; other rows' extra columns are None, as in `datasets`."""
+  columns = dict.fromkeys(k for _, row in rows for k in row)
   docs = []
   for n, row in rows:
     try:
-      docs.append(to_doc(task, row))
+      check_row(task, row)
     except RowError as e:
       raise TaskDataError(f"{where}: row {n}: {e} ({task.name} rows need {describe(task.schema)})") from None
+    docs.append(task.process({k: row.get(k) for k in columns}))
   if not docs:
     raise TaskDataError(f"{where}: no rows")
   return docs
@@ -144,7 +144,7 @@ def load_docs(task: Task, split: str, task_dir: str | Path | None) -> list[dict]
   if task_dir is not None:
     path = split_file(task_dir, task, split)
     return docs_from_rows(task, read_rows(path), str(path))
-  return docs_from_rows(task, enumerate(_hub_rows(task, split), 1), f"{task.dataset_path} ({split})")
+  return docs_from_rows(task, list(enumerate(_hub_rows(task, split), 1)), f"{task.dataset_path} ({split})")
 
 
 def _hub_rows(task: Task, split: str) -> list[dict]:
