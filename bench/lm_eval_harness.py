@@ -64,14 +64,26 @@ def command(export_dir: str | Path, config_dir: str | Path, names: list[str], nu
   return cmd + (["--limit", str(limit)] if limit else [])
 
 
-def run(export_dir, config_dir, names, num_fewshot, output, cache, limit=None, threads: int | None = None) -> None:
-  """threads: torch's (OMP_NUM_THREADS); on a CPU shared with other work, 1 avoids OpenMP's spin-waiting, which
-  made the requests 15x slower on a busy 2-core machine. It does not change the results' meaning."""
+def start(export_dir, config_dir, names, num_fewshot, output, cache, limit=None,
+          threads: int | None = None) -> subprocess.Popen:
+  """Starts lm_eval (see command()); finish() waits for it. threads: torch's (OMP_NUM_THREADS); on a CPU shared
+  with other work 1 avoids OpenMP's spin-waiting, which made the requests 15x slower on a busy 2-core machine.
+  It does not change what is computed."""
   env = {**offline_env(cache), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-  proc = subprocess.run(command(export_dir, config_dir, names, num_fewshot, output, limit),
-                        env=env, capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f"lm_eval failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  Path(output).mkdir(parents=True, exist_ok=True)
+  with open(Path(output) / "lm_eval.log", "w") as log:  # a file, not a pipe: a full pipe would stall it
+    return subprocess.Popen(command(export_dir, config_dir, names, num_fewshot, output, limit), env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen) -> None:
+  if proc.wait():
+    log = Path(proc.args[proc.args.index("--output_path") + 1]) / "lm_eval.log"
+    raise RuntimeError(f"lm_eval failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
+
+
+def run(*args, **kwargs) -> None:
+  finish(start(*args, **kwargs))
 
 
 def read_samples(output: str | Path) -> tuple[dict, dict[str, list[dict]]]:
