@@ -43,26 +43,18 @@ def _forward(model):
 
 
 def make_rows(model, n=40, seed=0):
-  """Rows of every length up to max_len + 1 tokens with 1-8 scored tokens; every other row's continuation is
-  the model's own greedy continuation, so greedy flags are exercised both ways. Every third row has 1-3
-  siblings that share its prefix (the tokens before the first scored position), as a doc's choices do, and
-  one row has no prefix at all."""
+  """Rows of every length up to max_len + 1 tokens with 1-12 scored tokens; every other row's continuation is
+  the model's own greedy continuation, so greedy flags are exercised both ways."""
   rng = np.random.default_rng(seed)
   rows = []
   for i in range(n):
     length = int(rng.integers(2, CFG.max_len + 2))
-    k = int(rng.integers(1, min(length - 1, 8) + 1))
-    if i == 5:  # no prefix: the first input is the first scored position
-      length = k + 1
+    k = int(rng.integers(1, min(length - 1, 12) + 1))
     tokens = rng.integers(0, CFG.vocab_size, length).astype(np.int32)
     if i % 2:
       for j in range(length - k, length):
         tokens[j] = log_softmax64(model, tokens[:j])[-1].argmax()
     rows.append((tokens, k))
-    p = length - 1 - k
-    for _ in range(int(rng.integers(1, 4)) if i % 3 == 0 and p < CFG.max_len else 0):
-      k2 = int(rng.integers(1, min(8, CFG.max_len - p) + 1))
-      rows.append((np.concatenate([tokens[:p], rng.integers(0, CFG.vocab_size, k2 + 1)]).astype(np.int32), k2))
   return rows
 
 
@@ -79,36 +71,36 @@ def independent(model, rows):
 @pytest.fixture(scope="module")
 def model_and_rows():
   model = model_lib.create(CFG, seed=0)
-  params = checkpoint.model_params(model)
-  rows = make_rows(model)
-  scorer = Scorer(CFG, params, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  return model, params, rows, scorer, scorer.score(rows)
+  return model, checkpoint.model_params(model), make_rows(model)
 
 
 def test_scores_equal_an_independent_float64_computation(model_and_rows):
-  model, _, rows, _, (lls, greedy) = model_and_rows
+  model, params, rows = model_and_rows
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  lls, greedy = Scorer(CFG, params, mesh).score(rows)
   want_lls, want_greedy = independent(model, rows)
   assert lls.dtype == np.float32
   np.testing.assert_allclose(lls, want_lls, rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(greedy, want_greedy)
   assert 0 < greedy.sum() < len(rows)
-  assert len({r[0][:len(r[0]) - 1 - r[1]].tobytes() for r in rows}) < len(rows) - 10  # shared prefixes
-  assert any(len(tokens) - 1 == k for tokens, k in rows)  # and none
 
 
-def test_scores_do_not_depend_on_batching_or_mesh_and_compile_twice_per_bucket(model_and_rows):
-  _, params, rows, reference, (lls, greedy) = model_and_rows
+def test_scores_do_not_depend_on_batching_or_mesh_and_compile_once_per_bucket(model_and_rows):
+  _, params, rows = model_and_rows
+  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   eight = sharding.make_mesh(data=2, fsdp=4, tensor=1)  # conftest gives 8 CPU devices
   _, abstract = nnx.split(model_lib.abstract(CFG), nnx.Param)
   sharded = jax.device_put(params, sharding.param_shardings(abstract, eight))
-  got_lls, got_greedy = Scorer(CFG, sharded, eight, batch_tokens=512).score(rows)  # 8-16 prefixes a batch
-  np.testing.assert_allclose(got_lls, lls, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got_greedy, greedy)
-  # Prefixes of 0..63 tokens and continuations of 1..8: the buckets (16, 8), (32, 8), (64, 8), a prefill and a
-  # continuation step each.
-  assert reference._prefill._cache_size() == reference._continue._cache_size() == 3
+  reference = Scorer(CFG, params, one)
+  lls, greedy = reference.score(rows)
+  for scorer in (Scorer(CFG, params, one, batch_tokens=256), Scorer(CFG, sharded, eight, batch_tokens=1024)):
+    got_lls, got_greedy = scorer.score(rows)
+    np.testing.assert_allclose(got_lls, lls, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got_greedy, greedy)
+  # Lengths 1..64 fall in the buckets 16, 32, 64: three shapes, three compiles, for 40 rows.
+  assert reference._forward._cache_size() == 3
   reference.score(rows)  # the training loop scores the same prepared rows every time: nothing new to compile
-  assert reference._prefill._cache_size() == reference._continue._cache_size() == 3
+  assert reference._forward._cache_size() == 3
 
 
 # ----------------------------------------------------------------------------------------------- the command

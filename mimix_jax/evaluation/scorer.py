@@ -1,18 +1,15 @@
 """The JAX scorer: summed float32 log-likelihoods and greedy flags of many token rows per jitted forward.
 
 A row is (tokens [n + 1], k): the model reads tokens[:-1] and the last k of tokens[1:] are scored (encoding.py
-makes them). The n - k tokens before the first scored position are the row's prefix; the choices of a
-multiple-choice doc share it (same context, and so the same tokens unless truncation cut them differently),
-and so do few-shot examples' long contexts. Each distinct prefix is run once, into a KV cache, and each row's
-continuation (its last k inputs) then runs on that cache: the choices of a doc cost one context, not four.
+makes them). Rows are sorted longest first (as lm-eval does: the ETA over- rather than underestimates and a
+too-large batch fails at once) and bucketed by input length to the next power of two (at least MIN_BUCKET, at
+most max_len), so a whole evaluation compiles once per bucket. Each batch packs as many rows as
+`batch_tokens` allows (a multiple of the mesh's batch shards), right-padded; rows are sharded over the mesh's
+data and fsdp axes and the params as training shards them.
 
-Prefixes are sorted longest first (as lm-eval sorts: the ETA over- rather than underestimates and a batch too
-large fails at once) and bucketed by their length and their longest continuation, each to a power of two, so
-a whole evaluation compiles a prefill and a continuation step per pair of buckets (about 12 pairs for these
-tasks at 0 shots, 5 at 5 shots: few-shot prefixes are long, their continuations alike). A batch holds as many prefixes as `batch_tokens` allows (a multiple of the mesh's
-batch shards), right-padded (segment 0, which attention ignores); the j-th continuations of a batch's prefixes
-run together, rows with fewer choices padded. Rows are sharded over the mesh's data and fsdp axes, the params
-as training shards them. Only continuation positions go through the [d, V] output projection.
+Only the last C positions of each row (C: the bucket's longest continuation, to a power of two) go through the
+[d, V] output projection: continuations are a few tokens at the end of rows of hundreds, so this skips most
+of the logits work and memory while computing the same float32 log-softmax at the scored positions.
 
 This is the only module of mimix_jax.evaluation that imports the rest of mimix_jax.
 """
@@ -35,36 +32,26 @@ from mimix_jax import sharding
 from mimix_jax.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
-MIN_CONTINUATION = 8
 
 
 def _pow2_at_least(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-@dataclasses.dataclass
-class _Job:
-  """One distinct prefix and the rows that continue it."""
-  prefix: np.ndarray  # int32 [p]
-  rows: list[int]  # indices into the scored rows
-
-
 class Scorer:
   """Scores token rows with the model `model_cfg` whose params (a pure dict) live on `mesh`.
 
-  batch_tokens bounds prefixes x (prefix + continuation bucket) per batch; max_logits bounds rows x
-  continuation bucket x vocab (the float32 logits of one continuation step).
+  batch_tokens bounds rows x bucket length per forward; max_logits bounds rows x C x vocab (the float32 logits
+  of the scored positions).
   """
 
-  def __init__(self, model_cfg, params: dict, mesh: jax.sharding.Mesh, batch_tokens: int = 4096,
+  def __init__(self, model_cfg, params: dict, mesh: jax.sharding.Mesh, batch_tokens: int = 8192,
                max_logits: int = 1 << 26):
     self.cfg, self.params, self.mesh = model_cfg, params, mesh
     self.batch_tokens, self.max_logits = batch_tokens, max_logits
     self.shards = mesh.shape["data"] * mesh.shape["fsdp"]  # rows per batch must divide evenly over these
     graphdef, _ = nnx.split(transformer.abstract(model_cfg), nnx.Param)
-    replicated = NamedSharding(mesh, P())
-    self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnums=(3,))
-    self._continue = jax.jit(functools.partial(_continue, graphdef), out_shardings=replicated)
+    self._forward = jax.jit(functools.partial(_forward, graphdef), out_shardings=NamedSharding(mesh, P()))
 
   @property
   def max_len(self) -> int:
@@ -91,33 +78,35 @@ class Scorer:
 
     def collect(batch, out):
       ll, gr = jax.device_get(out)
-      real = [i for i in batch if i >= 0]
-      lls[real], greedy[real] = ll[np.asarray(batch) >= 0], gr[np.asarray(batch) >= 0]
+      lls[batch], greedy[batch] = ll[:len(batch)], gr[:len(batch)]
       if progress is not None:
-        progress.update(len(real))
+        progress.update(len(batch))
 
     with sharding.activate(self.mesh):
-      for batch, cache, arrays in self._batches(rows):
-        pending.append((batch, self._continue(self.params, cache, *arrays)))
-        if len(pending) > 1:  # fetch the previous step while this one runs
+      for batch, arrays in self._batches(rows):
+        pending.append((batch, self._forward(self.params, *arrays)))
+        if len(pending) > 1:  # fetch the previous batch while this one runs
           collect(*pending.pop(0))
       for item in pending:
         collect(*item)
     return lls, greedy
 
   def _batches(self, rows):
-    """(row indices with -1 for padding, the prefix cache, device arrays) per continuation step."""
-    for (t, c), jobs in _bucketed_jobs(rows, self.max_len).items():
-      b = self._jobs_per_batch(t + c, c, len(jobs))
-      for start in range(0, len(jobs), b):
-        batch = jobs[start:start + b]
-        cache = self._prefill(self.params, *[self._put(a) for a in _pack_prefixes(batch, b, t)], t + c)
-        for j in range(max(len(job.rows) for job in batch)):
-          indices, arrays = _pack_continuations(rows, batch, j, b, c)
-          yield indices, cache, [self._put(a) for a in arrays]
+    """(row indices, device arrays) per batch, longest bucket first."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    buckets: dict[int, list[int]] = {}
+    for i in order:
+      t = min(max(MIN_BUCKET, _pow2_at_least(len(rows[i][0]) - 1)), self.max_len)
+      buckets.setdefault(t, []).append(i)
+    for t, members in buckets.items():
+      c = min(t, _pow2_at_least(max(rows[i][1] for i in members)))
+      b = self._rows_per_batch(t, c, len(members))
+      for start in range(0, len(members), b):
+        batch = members[start:start + b]
+        yield batch, [self._put(a) for a in _pack([rows[i] for i in batch], b, t, c)]
 
-  def _jobs_per_batch(self, s: int, c: int, n: int) -> int:
-    b = min(self.batch_tokens // s, self.max_logits // (c * self.cfg.padded_vocab_size))
+  def _rows_per_batch(self, t: int, c: int, n: int) -> int:
+    b = min(self.batch_tokens // t, self.max_logits // (c * self.cfg.padded_vocab_size))
     b = min(b, -(-n // self.shards) * self.shards)  # no batch wider than the bucket needs
     return max(self.shards, b // self.shards * self.shards)
 
@@ -128,71 +117,28 @@ class Scorer:
     return jax.make_array_from_callback(array.shape, sh, lambda index: array[index])
 
 
-def _bucketed_jobs(rows, max_len: int) -> dict[tuple[int, int], list[_Job]]:
-  """{(prefix bucket T, continuation bucket C): jobs}, longest first. A job's buckets are its prefix length and
-  its longest continuation, each to a power of two (C at least MIN_CONTINUATION: short continuations are cheap
-  to pad, compiles are not); a bucket's jobs are sorted by their number of rows, so that batches need few
-  padded continuation steps."""
-  jobs: dict[bytes, _Job] = {}
-  for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-    tokens, k = rows[i]
-    prefix = tokens[:len(tokens) - 1 - k]
-    jobs.setdefault(prefix.tobytes(), _Job(prefix, [])).rows.append(i)
-  buckets: dict[tuple[int, int], list[_Job]] = {}
-  for job in jobs.values():
-    t = min(max(MIN_BUCKET, _pow2_at_least(len(job.prefix))), max_len)
-    c = max(MIN_CONTINUATION, _pow2_at_least(max(rows[i][1] for i in job.rows)))
-    buckets.setdefault((t, c), []).append(job)
-  return {tc: sorted(jobs, key=lambda job: -len(job.rows)) for tc, jobs in sorted(buckets.items(), reverse=True)}
+def _pack(rows, b: int, t: int, c: int) -> list[np.ndarray]:
+  """inputs, segment_ids [b, t]; ends [b] (input tokens per row); targets, mask [b, c]: each row's last c
+  targets, right-aligned, mask 1 on its scored continuation. Rows past len(rows) are empty padding."""
+  inputs, segment_ids = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  ends = np.zeros(b, np.int32)
+  targets, mask = np.zeros((b, c), np.int32), np.zeros((b, c), bool)
+  for i, (tokens, k) in enumerate(rows):
+    n = len(tokens) - 1
+    inputs[i, :n], segment_ids[i, :n], ends[i] = tokens[:-1], 1, n
+    last = tokens[1:][-c:]
+    targets[i, c - len(last):] = last
+    mask[i, c - k:] = True
+  return [inputs, segment_ids, ends, targets, mask]
 
 
-def _pack_prefixes(jobs: list[_Job], b: int, t: int) -> list[np.ndarray]:
-  """tokens, segment_ids [b, t]: the prefixes, right-padded; rows past len(jobs) are empty."""
-  tokens, segment_ids = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
-  for r, job in enumerate(jobs):
-    tokens[r, :len(job.prefix)], segment_ids[r, :len(job.prefix)] = job.prefix, 1
-  return [tokens, segment_ids]
-
-
-def _pack_continuations(rows, jobs: list[_Job], j: int, b: int, c: int) -> tuple[list[int], list[np.ndarray]]:
-  """The j-th continuation of each job: row indices (-1: none) and inputs, positions, segment_ids, targets,
-  mask [b, c], left-aligned after each prefix."""
-  indices = [-1] * b
-  inputs, positions = np.zeros((b, c), np.int32), np.zeros((b, c), np.int32)
-  segment_ids, targets, mask = np.zeros((b, c), np.int32), np.zeros((b, c), np.int32), np.zeros((b, c), bool)
-  for r, job in enumerate(jobs):
-    if j >= len(job.rows):
-      continue
-    indices[r] = i = job.rows[j]
-    tokens, k = rows[i]
-    p = len(job.prefix)
-    inputs[r, :k], targets[r, :k] = tokens[p:p + k], tokens[p + 1:]
-    positions[r] = p + np.arange(c)
-    segment_ids[r, :k], mask[r, :k] = 1, True
-  return indices, [inputs, positions, segment_ids, targets, mask]
-
-
-def _layers(model):
-  """Per-layer weights for an unrolled model (scan_layers=False, faster on a CPU), else None (scan)."""
-  return None if model.cfg.scan_layers else model.split_layers()
-
-
-def _prefill(graphdef, params, tokens, segment_ids, slots: int):
-  """The prefixes [B, T] into a fresh KV cache of `slots` slots (T + the continuation bucket)."""
+def _forward(graphdef, params, inputs, segment_ids, ends, targets, mask):
+  """-> (summed log-likelihood of the masked targets float32 [B], all of them the argmax bool [B])."""
   model = nnx.merge(graphdef, params)
-  cache = model.init_cache(tokens.shape[0], slots, per_layer=not model.cfg.scan_layers)
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  _, cache = model.hidden(tokens, positions, segment_ids, cache, _layers(model))
-  return cache
-
-
-def _continue(graphdef, params, cache, inputs, positions, segment_ids, targets, mask):
-  """Continuations [B, C] on their prefixes' cache -> (summed log-likelihood of the masked targets float32
-  [B], all of them the argmax bool [B])."""
-  model = nnx.merge(graphdef, params)
-  positions = jnp.minimum(positions, model.cfg.max_len - 1)  # padding past the last real position
-  h, _ = model.hidden(inputs, positions, segment_ids, cache, _layers(model))
-  logits = model.logits(h)  # [B, C, V] float32
+  h, _ = model.hidden(inputs, None, segment_ids)  # [B, T, d]
+  c = targets.shape[1]
+  positions = jnp.clip(ends[:, None] - c + jnp.arange(c), 0, inputs.shape[1] - 1)  # [B, C]
+  logits = model.logits(jnp.take_along_axis(h, positions[..., None], axis=1))  # [B, C, V] float32
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
   ll = jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)  # where, not *: padding rows may hold inf
   greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
