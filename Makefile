@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo demo-clean bench-cpu venv clean
+.PHONY: test test-slow demo demo-clean bench-cpu venv clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Minutes-long end-to-end runs (lm-evaluation-harness equality, the gpt_large rehearsal): CI's second step.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(PY) -m mimix_jax.demo --workdir demo_out

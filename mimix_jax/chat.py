@@ -18,7 +18,7 @@ import sys
 from typing import Sequence
 
 from mimix_jax import cli
-from mimix_jax.inference.session import ChatSession, Reply, format_params, set_params
+from mimix_jax.inference.session import ChatSession, format_params, set_params
 
 HELP = """commands:
   /reset                  forget the conversation (the system message stays)
@@ -30,8 +30,10 @@ HELP = """commands:
   /exit                   leave (or Ctrl-D); Ctrl-C stops the current reply"""
 
 
-def stream_reply(reply: Reply, out=sys.stdout) -> None:
-  """Prints the reply as it streams; Ctrl-C (SIGINT) stops it between tokens without leaving the REPL."""
+def turn(session: ChatSession, text: str, out=sys.stdout) -> None:
+  """One turn: the reply to `text`, printed as it streams. Ctrl-C (SIGINT) at any moment, the first turn's
+  compile included, only stops the reply (a KeyboardInterrupt inside JAX would abort the process): the turn is
+  kept with what was generated, and the REPL goes on. Raises ValueError when `text` cannot fit."""
   interrupted = False
 
   def on_sigint(signum, frame):
@@ -39,14 +41,20 @@ def stream_reply(reply: Reply, out=sys.stdout) -> None:
     interrupted = True
 
   previous = signal.signal(signal.SIGINT, on_sigint)
+  reply = None
   try:
-    for piece in reply:
+    reply = session.reply(text)  # prefill first: a context-full notice comes before the reply
+    if session.chat:
+      out.write("assistant> ")
+      out.flush()
+    for piece in () if interrupted else reply:
       out.write(piece)
       out.flush()
       if interrupted:
         break
   finally:
-    reply.close()
+    if reply is not None:
+      reply.close()
     signal.signal(signal.SIGINT, previous)
   out.write(" [stopped]\n" if interrupted else "\n")
   if reply.finish_reason == "context":
@@ -102,10 +110,7 @@ def repl(session: ChatSession, banner: str) -> None:
         if not handle_command(session, line.strip()):
           return
         continue
-      reply = session.reply(line)  # prefill first: a context-full notice comes before the reply
-      if session.chat:
-        print("assistant> ", end="", flush=True)
-      stream_reply(reply)
+      turn(session, line)
     except ValueError as e:
       print(f"error: {e}")
 

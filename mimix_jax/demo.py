@@ -20,6 +20,7 @@ from pathlib import Path
 from mimix_jax.training.metrics import read_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data"
+TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "boolq", "lambada_openai")
 
 
 def sh(cmd: list[str], summary: list[str], name: str) -> str:
@@ -96,6 +97,12 @@ def main(argv=None) -> int:
   preprocess("dpo", "dpo_heldout", [str(out / "raw/dpo_heldout.jsonl")], 128)
   train("dpo", [f"--config.data.eval_path={out}/data/dpo_heldout", "--config.eval_steps=100"])
 
+  print_summary(out, summary, *evaluate(out, py, summary))
+  return 0
+
+
+def evaluate(out: Path, py: list[str], summary: list[str]) -> tuple[dict, str, dict]:
+  """Perplexity, the verified export, a chat reply and the benchmark table of the final (DPO) model."""
   ppl = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--data",
                            str(DATA / "corpus/eval"), "--output", str(out / "ppl.json")], summary, "perplexity"))
   if not (out / "export" / "export.json").exists():  # written last, once the export is verified
@@ -106,12 +113,25 @@ def main(argv=None) -> int:
   reply = sh(py + ["mimix_jax.generate", "--checkpoint", str(out / "runs/dpo"), "--chat", "--greedy",
                    "--repetition_penalty", "1.2", "--max_new_tokens", "40", "--prompt", "What is AI?"],
              summary, "chat reply")
+  if not (out / "tasks" / "piqa.jsonl").exists():
+    from mimix_jax.evaluation import sample_tasks
+    sample_tasks.write(out / "tasks")  # small files in each benchmark's schema, made from the shipped books
+  tasks = last_json(sh(py + ["mimix_jax.evaluate", "--checkpoint", str(out / "runs/dpo"), "--tasks", ",".join(TASKS),
+                             "--task_dir", str(out / "tasks"), "--output", str(out / "tasks.json")],
+                       summary, "benchmark tasks"))
+  return ppl, reply, tasks
 
-  print_summary(out, summary, ppl, reply)
-  return 0
+
+def print_tasks(result: dict) -> None:
+  """The benchmark table (a 2.4M-parameter model on synthetic task files: near chance is expected)."""
+  fmt = lambda x: "    -" if x is None else f"{x:.3f}"
+  print("\nbenchmark tasks (lm-eval's scoring, 0-shot, sample files in data's schemas; chance level expected):")
+  for name, r in result["tasks"].items():
+    print(f"  {name:<15} n {r['n']:>3}  acc {fmt(r['acc'])}  acc_norm {fmt(r['acc_norm'])}")
+  print(f"  {'CORE':<15} {result['core']:.3f}")
 
 
-def print_summary(out: Path, timings: list[str], ppl: dict, reply: str) -> None:
+def print_summary(out: Path, timings: list[str], ppl: dict, reply: str, tasks: dict) -> None:
   print("\n=== summary")
   print("\n".join(timings))
   for stage in ("pretrain", "pretrain_2048", "sft", "dpo"):
@@ -126,6 +146,7 @@ def print_summary(out: Path, timings: list[str], ppl: dict, reply: str) -> None:
   print(f"export (Hugging Face format): {out}/export")
   print(f"chat reply to 'What is AI?': {reply.strip()}")
   print(f"start chatting: python -m mimix_jax.chat --checkpoint {out}/runs/dpo   (or launch/chat.sh {out}/runs/dpo)")
+  print_tasks(tasks)
 
 
 def _data_name(stage: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pexpect
 import pytest
@@ -90,7 +91,7 @@ def test_ctrl_c_stops_the_reply_not_the_repl(engine, tok):
   s = new_session(engine, tok, [], system=None)
   out = InterruptingOutput()
   handler = signal.getsignal(signal.SIGINT)
-  chat.stream_reply(s.reply("Tell me a story"), out)  # a KeyboardInterrupt here would fail the test
+  chat.turn(s, "Tell me a story", out)  # a KeyboardInterrupt here would fail the test
   assert out.text.endswith(" [stopped]\n") and len(s.turns) == 1
   assert signal.getsignal(signal.SIGINT) is handler
 
@@ -160,3 +161,25 @@ def test_repl_in_a_terminal(tmp_path, tokenizer_dir, tok):
   repl.expect(pexpect.EOF)
   repl.close()
   assert repl.exitstatus == 0
+
+
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called")
+def test_ctrl_c_during_the_first_compile_stops_the_reply_and_keeps_the_conversation(tmp_path, tokenizer_dir, tok):
+  run_dir, _ = make_run(tmp_path / "run", tokenizer_dir, tok.vocab_size, dict(mode="chat"))
+  repl = pexpect.spawn(sys.executable, ["-m", "mimix_jax.chat", "--checkpoint", str(run_dir), "--greedy",
+                                        "--max_new_tokens", "6"],
+                       env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=120)
+  repl.expect_exact("user> ")
+  repl.sendline("Hello there")
+  time.sleep(0.3)  # the first turn compiles the prefill and the decode step: seconds
+  repl.sendintr()
+  repl.expect_exact("[stopped]")
+  repl.expect_exact("user> ")
+  assert "Traceback" not in repl.before
+  repl.sendline("And now?")
+  repl.expect_exact("assistant> ")
+  repl.expect_exact("user> ")
+  repl.sendline("/exit")
+  repl.expect(pexpect.EOF)
+  repl.close()
+  assert repl.exitstatus == 0 and repl.signalstatus is None

@@ -41,6 +41,10 @@ def test_demo_pipeline_runs_every_stage(tmp_path):
   assert "export" in proc.stdout and "verif" in proc.stdout.lower()
   reply = proc.stdout.split("chat reply to 'What is AI?':", 1)[1].splitlines()[0].strip()
   assert reply
+  tasks = json.loads((out / "tasks.json").read_text())
+  assert len(tasks["tasks"]) == 8 and all(r["n"] > 0 for r in tasks["tasks"].values())
+  table = proc.stdout.split("benchmark tasks (", 1)[1]
+  assert all(f"  {name} " in table for name in tasks["tasks"]) and f"CORE            {tasks['core']:.3f}" in table
 
   # A second run reuses every finished stage.
   again = subprocess.run([sys.executable, "-m", "mimix_jax.demo", "--workdir", workdir, "--scale", "0.5"],

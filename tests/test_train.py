@@ -291,3 +291,25 @@ def test_an_unset_vocabulary_follows_the_tokenizer(tmp_path, pretrain_shards, to
   cmd = [c for c in train_cmd(run, pretrain_shards, tokenizer_dir, steps=1) if "vocab_size" not in c]
   assert run_train([*cmd, "--config.model.vocab_size=0"]).returncode == 0
   assert json.loads((run / "model.json").read_text())["model"]["vocab_size"] == 2000
+
+
+def test_benchmark_tasks_during_training_go_to_eval_jsonl_as_the_evaluate_command_scores_them(
+    tmp_path, pretrain_shards, tokenizer_dir):
+  from mimix_jax.evaluation import sample_tasks
+  files = sample_tasks.write(tmp_path / "tasks", n_eval=6, n_train=4)
+  task_dir = files["arc_easy"]["test"].parent
+  run = tmp_path / "run"
+  out = run_train(train_cmd(run, pretrain_shards, tokenizer_dir, "--config.eval_tasks=arc_easy,lambada_openai",
+                            f"--config.eval_task_dir={task_dir}", "--config.eval_tasks_every=4", steps=8))
+  assert out.returncode == 0, out.stderr[-2000:]
+  records = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [4, 8] and all("tasks/core" in r for r in records)
+  assert "tasks/arc_easy/acc_norm" in records[-1] and "tasks/lambada_openai/acc_norm" not in records[-1]
+  cmd = run_train([sys.executable, "-m", "mimix_jax.evaluate", "--checkpoint", str(run), "--tasks",
+                   "arc_easy,lambada_openai", "--task_dir", str(task_dir)])
+  assert cmd.returncode == 0, cmd.stderr[-2000:]
+  result = json.loads(cmd.stdout.strip().splitlines()[-1])
+  assert result["core"] == pytest.approx(records[-1]["tasks/core"], abs=1e-9)
+  assert result["tasks"]["arc_easy"]["acc"] == records[-1]["tasks/arc_easy/acc"]
+  bad = run_train(train_cmd(tmp_path / "bad", pretrain_shards, tokenizer_dir, "--config.eval_tasks=arc_easy,mmlu"))
+  assert bad.returncode == 2 and "unknown task 'mmlu'" in bad.stderr and not (tmp_path / "bad").exists()

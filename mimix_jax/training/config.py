@@ -64,6 +64,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 0  # 0 = no periodic eval
   c.eval_steps = 10
+  # Benchmark tasks scored as lm-evaluation-harness does (mimix_jax/evaluation), every eval_tasks_every steps and
+  # at the end, into eval.jsonl (tasks/NAME/acc, tasks/NAME/acc_norm, tasks/core), TensorBoard and loss.png.
+  c.eval_tasks = ""  # comma-separated, e.g. "hellaswag,arc_easy,piqa"; "" = none
+  c.eval_task_dir = ""  # local task files (evaluate --task_dir); "" = the hub through `datasets`
+  c.eval_tasks_every = 0  # 0 = only at the end
+  c.eval_tasks_fewshot = 0
+  c.eval_tasks_limit = 0  # the first N examples of each task; 0 = all
   c.save_every_steps = 100
   c.keep_checkpoints = 2  # the last N checkpoints ...
   c.keep_every = 0  # ... plus every K-th step (0 = none)

@@ -20,11 +20,12 @@ import ml_collections
 
 from mimix_jax import io_utils
 from mimix_jax.data import pipeline, shards
+from mimix_jax.evaluation import runner
 from mimix_jax.model import sharding
 from mimix_jax.model.config import ModelConfig
 from mimix_jax.text.tokenizer import Tokenizer
 from mimix_jax.training import checkpoints, dpo_reference, objectives, run_dir as run_dir_lib
-from mimix_jax.training.metrics import MetricsLogger
+from mimix_jax.training.metrics import CORE, MetricsLogger
 from mimix_jax.training.step import TrainStep
 
 ARCHITECTURE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "rope_base", "norm_eps",
@@ -54,6 +55,7 @@ class Prepared:
   manifest: dict
   tokenizer_dir: Path
   generation: dict
+  tasks: runner.Prepared | None  # eval_tasks: prompts and tokens made once
 
 
 def prepare(cfg: ml_collections.ConfigDict, run_dir: Path) -> Prepared:
@@ -78,7 +80,11 @@ def prepare(cfg: ml_collections.ConfigDict, run_dir: Path) -> Prepared:
   generation = dict(source.generation if source else run_dir_lib.DEFAULT_GENERATION)
   if shards.LAYOUTS[manifest["stage"]].chat:  # trained on conversations: a chat model, no hand edit needed
     generation["mode"] = "chat"
-  return Prepared(cfg, Path(run_dir), objective, step, manifest, Path(tokenizer_dir), generation)
+  tasks = None
+  if cfg.eval_tasks:
+    tasks = runner.prepare(tok, cfg.eval_tasks, cfg.max_len, cfg.eval_task_dir or None, cfg.eval_tasks_fewshot,
+                           cfg.eval_tasks_limit or None)
+  return Prepared(cfg, Path(run_dir), objective, step, manifest, Path(tokenizer_dir), generation, tasks)
 
 
 def run(p: Prepared, command: str = "") -> int:
@@ -112,7 +118,7 @@ def run(p: Prepared, command: str = "") -> int:
                            step.tokens_per_step, enabled=main_process)
     try:
       with _StopFlag() as stop:
-        end = _train(cfg, step, state, iterator, ckpt, logger, stop, start, references.get("eval"))
+        end = _train(cfg, step, state, iterator, ckpt, logger, stop, start, _Evaluator(p, references.get("eval")))
     finally:
       logger.close()
   if main_process:
@@ -121,7 +127,7 @@ def run(p: Prepared, command: str = "") -> int:
   return 0
 
 
-def _train(cfg, step: TrainStep, state, iterator, ckpt, logger, stop, start: int, eval_reference) -> int:
+def _train(cfg, step: TrainStep, state, iterator, ckpt, logger, stop, start: int, evaluator: "_Evaluator") -> int:
   """The loop itself; returns the last step trained (total_steps) or raises TrainError."""
   data_state = json.dumps(iterator.get_state()).encode()  # after the last batch trained on
   saver = _Saver(ckpt, logger, start)
@@ -136,8 +142,9 @@ def _train(cfg, step: TrainStep, state, iterator, ckpt, logger, stop, start: int
         ckpt.check()
         if n % cfg.log_every == 0 or n == cfg.total_steps or stop.requested:
           _log(logger, n, jax.device_get(metrics), cfg.max_nonfinite_steps)
-        if cfg.data.eval_path and ((cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.total_steps):
-          logger.log_eval(n, evaluate_split(cfg, step, state["params"], eval_reference))
+        results = evaluator(n, state["params"])
+        if results:
+          logger.log_eval(n, results)
         saver.maybe_save(n, state, data_state, due=n % cfg.save_every_steps == 0 and n < cfg.total_steps)
       saver.save(n, state, data_state)
       ckpt.close()  # waits for the last save: a failure surfaces here
@@ -198,6 +205,34 @@ def _save_failure(e: Exception, last_saved: int) -> TrainError | None:
   return TrainError(f"writing to the run directory failed ({type(cause).__name__}: {cause}); the newest complete "
                     f"checkpoint is step {last_saved}: fix the cause (disk space?) and run the same command to resume",
                     EXIT_SAVE_FAILED)
+
+
+class _Evaluator:
+  """What a run evaluates at step n: the held-out loss (eval_every) and the benchmark tasks (eval_tasks_every);
+  both at the end."""
+
+  def __init__(self, p: Prepared, eval_reference):
+    self.p, self.eval_reference, self.scorer = p, eval_reference, None
+
+  def __call__(self, n: int, params: dict) -> dict[str, float]:
+    cfg, out = self.p.cfg, {}
+    last = n == cfg.total_steps
+    if cfg.data.eval_path and (last or (cfg.eval_every and n % cfg.eval_every == 0)):
+      out.update(evaluate_split(cfg, self.p.step, params, self.eval_reference))
+    if self.p.tasks is not None and (last or (cfg.eval_tasks_every and n % cfg.eval_tasks_every == 0)):
+      out.update(self._tasks(params))
+    return out
+
+  def _tasks(self, params: dict) -> dict[str, float]:
+    from mimix_jax.evaluation.scorer import Scorer
+    if self.scorer is None:  # compiled once, fed the live params each time
+      self.scorer = Scorer(self.p.step.model_cfg, params, self.p.step.mesh)
+    self.scorer.params = params
+    summary = runner.run(self.scorer, self.p.tasks, progress=False).summary
+    out = {CORE: summary["core"]}
+    for name, s in summary["tasks"].items():
+      out.update({f"tasks/{name}/{k}": s[k] for k in ("acc", "acc_norm") if s[k] is not None})
+    return out
 
 
 def evaluate_split(cfg, step: TrainStep, params, reference_logps) -> dict[str, float]:

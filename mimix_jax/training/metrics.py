@@ -16,6 +16,8 @@ import jax
 
 from mimix_jax import io_utils
 
+CORE = "tasks/core"  # the eval.jsonl key of the benchmark aggregate (training/loop.py)
+
 # Dense (not sparse) bf16 peak TFLOP/s per device, by jax `device_kind` substring.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A800": 312.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
@@ -37,10 +39,13 @@ class MetricsLogger:
     self.n_devices = jax.device_count()
     self.last_time, self.last_step = time.perf_counter(), start_step
     self.history: list[tuple[int, float]] = []
+    self.core_history: list[tuple[int, float]] = []  # benchmark CORE (eval_tasks), drawn with the loss
     self.bar = self.tb = None
     if enabled:
-      _truncate_after(run_dir / "metrics.jsonl", start_step)
+      for name in ("metrics.jsonl", "eval.jsonl"):  # what was logged after the checkpoint is logged again
+        _truncate_after(run_dir / name, start_step)
       self.history = [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
+      self.core_history = [(r["step"], r[CORE]) for r in read_jsonl(run_dir / "eval.jsonl") if CORE in r]
       from tensorboardX import SummaryWriter
       from tqdm import tqdm
       self.tb = SummaryWriter(str(run_dir / "tensorboard"))
@@ -78,6 +83,8 @@ class MetricsLogger:
       f.write(json.dumps({"step": step, **metrics}) + "\n")
     for k, v in metrics.items():
       self.tb.add_scalar(f"eval/{k}", v, step)
+    if CORE in metrics:
+      self.core_history.append((step, metrics[CORE]))
     self.bar.write(f"step {step}: " + " ".join(f"eval_{k}={v:.4f}" for k, v in metrics.items()))
 
   def write(self, message: str) -> None:
@@ -104,6 +111,10 @@ class MetricsLogger:
     ax.set_ylabel("train loss")
     ax.set_title(self.run_dir.name)
     ax.grid(alpha=0.3)
+    if self.core_history:
+      right = ax.twinx()
+      right.plot(*zip(*self.core_history), color="tab:blue", marker="o", linewidth=1)
+      right.set_ylabel("benchmark CORE (eval_tasks)", color="tab:blue")
     fig.tight_layout()
     with io_utils.atomic_file(self.run_dir / "loss.png") as tmp:
       fig.savefig(tmp)
