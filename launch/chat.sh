@@ -3,7 +3,7 @@ USAGE="usage: launch/chat.sh RUN_OR_STEP_DIR [--system TEXT] [--chat | --raw] [-
 
 Chats with a trained run in the terminal (python -m mimix_jax.chat): streaming replies, history kept in the KV
 cache, /help for the commands. Raw continuation for pretrained-only runs is chosen from the run (--chat forces chat)."
-[ $# -ge 1 ] && [ -e "$1" ] && set -- "$(cd "$1" && pwd)" "${@:2}"  # common.sh moves to the repo root
-source "$(dirname "$0")/common.sh"
+for d in "$(dirname "$0")" "${MIMIX_REPO:-}/launch" "${SLURM_SUBMIT_DIR:-}/launch"; do [ -f "$d/common.sh" ] && break; done
+source "$d/common.sh" || { echo "cannot find launch/common.sh: run from the repository or set MIMIX_REPO" >&2; exit 2; }
 [ ${#ARGS[@]} -ge 1 ] || { echo "$USAGE" >&2; exit 2; }
 run "$PY" -m mimix_jax.chat --checkpoint "${ARGS[@]}"

@@ -1,9 +1,8 @@
-# Sourced by every launch script: repo root, python, --help and --dry_run (print the commands, run nothing).
-# A script sets USAGE before sourcing this file.
+# Sourced by every launch script (after it set USAGE): the repository, python, --help and --dry_run (print the
+# commands, run nothing). Nothing changes directory: relative paths mean what they mean where you typed them.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-PY=${PYTHON:-$ROOT/.venv/bin/python}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-$REPO/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 DRY_RUN=${DRY_RUN:-0}
 ARGS=()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mimix_jax"
-COMMANDS = {"tokenizer", "preprocess", "train", "evaluate", "generate", "chat", "export", "import_hf", "demo"}
+COMMANDS = {"tokenizer", "preprocess", "train", "evaluate", "generate", "chat", "export", "import_hf", "demo",
+            "download"}
 SHARED = {"io_utils", "cli"}  # top-level library modules
 SUBPACKAGES = {"model", "text", "data", "hf", "training", "inference", "evaluation"}
 JAX = {"jax", "jaxlib", "flax", "optax", "orbax"}

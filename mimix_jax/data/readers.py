@@ -95,13 +95,15 @@ def file_format(path: str | os.PathLike) -> str | None:
 def discover(patterns: Sequence[str]) -> list[Path]:
   """Files named by `patterns` (files, directories walked recursively, or globs), deduplicated.
 
-  Each directory or glob expands in sorted order. Unsupported files inside directories are ignored; a file
+  Each directory or glob expands in sorted order. Unsupported and hidden files (and hidden folders, such as a
+  download's .cache/) inside directories are ignored; a file
   named explicitly with an unsupported extension, or a pattern matching nothing, is an InputError.
   """
   out: list[Path] = []
   for pattern in patterns:
     if os.path.isdir(pattern):
-      found = sorted(Path(root, f) for root, _, files in os.walk(pattern) for f in files)
+      found = sorted(Path(root, f) for root, _, files in os.walk(pattern) for f in files
+                     if not any(part.startswith(".") for part in Path(root, f).relative_to(pattern).parts))
       found = [p for p in found if file_format(p)]
       if not found:
         raise InputError(f"{pattern}: directory has no {'/'.join(EXTENSIONS)} files")

@@ -23,16 +23,17 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def initialize(args: argparse.Namespace) -> None:
+  slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if not args.coordinator_address and not slurm:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_hint():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need gloo collectives
   if args.coordinator_address:
     if args.num_processes is None or args.process_id is None:
       raise ValueError("--coordinator_address needs --num_processes and --process_id (or MIMIX_* env variables)")
-    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_hint():
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need gloo collectives
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
   else:
-    return
+    jax.distributed.initialize()  # the coordinator, process count and index from SLURM_*
   print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local devices, "
         f"{jax.device_count()} in total", flush=True)
 
