@@ -1,5 +1,6 @@
 """The JAX scorer equals an independent float64 computation over full forward passes, whatever the batching or
-the mesh, with one compile per length bucket; the task command end to end, and its one-line errors."""
+the mesh and however rows share contexts, with one compile; the task command end to end, and its one-line
+errors."""
 
 import json
 import subprocess
@@ -45,17 +46,25 @@ def _forward(model):
 
 def make_rows(model, n=40, seed=0):
   """Rows of every length up to max_len + 1 tokens with 1-12 scored tokens; every other row's continuation is
-  the model's own greedy continuation, so greedy flags are exercised both ways."""
+  the model's own greedy continuation, so greedy flags are exercised both ways. Every third row has 1-3
+  siblings sharing its context, as a document's choices do (one-token siblings share even the scored position),
+  and one row's context is a single token."""
   rng = np.random.default_rng(seed)
   rows = []
   for i in range(n):
     length = int(rng.integers(2, CFG.max_len + 2))
     k = int(rng.integers(1, min(length - 1, 12) + 1))
+    if i == 5:
+      length = k + 1
     tokens = rng.integers(0, CFG.vocab_size, length).astype(np.int32)
     if i % 2:
       for j in range(length - k, length):
         tokens[j] = log_softmax64(model, tokens[:j])[-1].argmax()
     rows.append((tokens, k))
+    context = tokens[:length - k]
+    for _ in range(int(rng.integers(1, 4)) if i % 3 == 0 else 0):
+      k2 = int(rng.integers(1, min(12, CFG.max_len + 1 - len(context)) + 1))
+      rows.append((np.concatenate([context, rng.integers(0, CFG.vocab_size, k2)]).astype(np.int32), k2))
   return rows
 
 
@@ -84,9 +93,13 @@ def test_scores_equal_an_independent_float64_computation(model_and_rows):
   np.testing.assert_allclose(lls, want_lls, rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(greedy, want_greedy)
   assert 0 < greedy.sum() < len(rows)
+  contexts = [tokens[:len(tokens) - k].tobytes() for tokens, k in rows]
+  assert len(set(contexts)) < len(rows) - 10  # many rows share a context
+  assert any(len(tokens) == k + 1 for tokens, k in rows)  # a one-token context
+  assert len({c for c, (_, k) in zip(contexts, rows) if k == 1 and contexts.count(c) > 1}) > 0  # a shared slot
 
 
-def test_scores_do_not_depend_on_batching_or_mesh_and_compile_once_per_bucket(model_and_rows):
+def test_scores_do_not_depend_on_batching_or_mesh_and_compile_once(model_and_rows):
   _, params, rows = model_and_rows
   one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   eight = sharding.make_mesh(data=2, fsdp=4, tensor=1)  # conftest gives 8 CPU devices
@@ -97,10 +110,10 @@ def test_scores_do_not_depend_on_batching_or_mesh_and_compile_once_per_bucket(mo
     got_lls, got_greedy = scorer.score(rows)
     np.testing.assert_allclose(got_lls, lls, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got_greedy, greedy)
-  # Lengths 1..64 fall in the buckets 16, 32, 64: three shapes, three compiles, for 40 rows.
-  assert reference._forward._cache_size() == 3
+  # Rows of 1..64 inputs packed into rows of 64: one shape, one compile.
+  assert reference._forward._cache_size() == 1
   reference.score(rows)  # the training loop scores the same prepared rows every time: nothing new to compile
-  assert reference._forward._cache_size() == 3
+  assert reference._forward._cache_size() == 1
 
 
 # ----------------------------------------------------------------------------------------------- the command

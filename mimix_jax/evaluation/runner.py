@@ -1,8 +1,8 @@
 """The entry points: prepare() reads, prompts and tokenizes once; run() scores; evaluate_tasks() does both.
 
 The training loop prepares once and runs every `eval_tasks_every` steps with its live params (a Scorer on its
-own mesh); the evaluate command calls evaluate_tasks(). Requests of all tasks are scored together, so the
-length buckets (and compiles) are shared across tasks.
+own mesh); the evaluate command calls evaluate_tasks(). Requests of all tasks are scored together, so they
+pack together and share one compile.
 
 Result: Evaluation.summary = {"tasks": {NAME: {"acc", "acc_norm", "n"}}, "core": ..., "num_fewshot", "seed"}
 (acc_norm None where lm-eval does not report it), and Evaluation.records = {NAME: [one dict per example:

@@ -41,6 +41,16 @@ def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, q_slot: jax.Arra
   return same_doc & causal
 
 
+def tree_mask(doc: jax.Array, branch: jax.Array) -> jax.Array:
+  """[B, T, T] bool for rows that pack trees: a document's shared prefix (branch 0) followed by its branches
+  (1, 2, ...), each continuing the prefix on its own. A query attends to earlier slots of its document that are
+  in the prefix or in its own branch. doc [B, T] (0 = padding), branch [B, T]."""
+  slots = jnp.arange(doc.shape[1])
+  same_doc = (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] != 0)
+  on_path = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+  return same_doc & on_path & (slots[None, None, :] <= slots[None, :, None])
+
+
 def mask_bias(mask: jax.Array) -> jax.Array:
   """[B, T, S] bool -> additive float32 bias (0 or a large negative), built once and shared by every layer.
 

@@ -66,28 +66,30 @@ class Transformer(nnx.Module):
     h, _ = self.hidden(tokens, positions, segment_ids)
     return logits(self.embed[...], h, self.cfg.vocab_size)
 
-  def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+  def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, mask=None):
     """Final-normed hidden states [B, T, d] in the compute dtype, and the updated cache (None without one)."""
     weights = nnx.to_pure_dict(nnx.state(self, nnx.Param))
     if cache is not None or not self.cfg.scan_layers:
       weights["layers"] = split_layers(weights["layers"], self.cfg)
-    return forward(self.cfg, weights, tokens, positions, segment_ids, cache)
+    return forward(self.cfg, weights, tokens, positions, segment_ids, cache, mask)
 
 
 def forward(cfg: ModelConfig, weights: Weights, tokens, positions=None, segment_ids=None,
-            cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+            cache: Cache | None = None, mask=None) -> tuple[jax.Array, Cache | None]:
   """Final-normed hidden states [B, T, d] in the compute dtype, and the updated cache (or None).
 
   tokens [B, T]; positions [B, T]: RoPE positions (restart at 0 per packed document; default 0..T-1);
   segment_ids [B, T]: document ids, 0 = padding (default one document per row): attention never crosses
-  documents. weights["layers"]: stacked (scanned) or a list of per-layer dicts (unrolled; needed with a cache).
+  documents. mask [B, T, T] bool, without a cache: who attends to whom, instead of the segment rule (the
+  scorer's tree of continuations, attention.tree_mask); it must be causal by slot.
+  weights["layers"]: stacked (scanned) or a list of per-layer dicts (unrolled; needed with a cache).
   With a cache, the T tokens are written at slots [cache.end, cache.end + T).
   """
   dt = jnp.dtype(cfg.dtype)
   b, t = tokens.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  attend, kv_segment = _attention_for(cfg, segment_ids, cache, b, t)
+  attend, kv_segment = _attention_for(cfg, segment_ids, cache, b, t, mask)
   end = None if cache is None else cache["end"]
 
   h = constrain(weights["embed"].astype(dt)[tokens], "batch", "length", "act_embed")
@@ -155,22 +157,23 @@ def _fused_implementation(cfg: ModelConfig) -> str:
   return "cudnn" if cudnn_ok else "xla"
 
 
-def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t: int):
+def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t: int, mask=None):
   """attend(q, k, v) -> [B, T, H, D] for this call, and the cache's segment ids after it (None without a cache)."""
-  if cache is None and cfg.attention != "xla":  # the fused kernel; rows of one document need no mask at all
-    mask = None if segment_ids is None else attention.attention_mask(
-        segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
-    return functools.partial(attention.fused_attention, mask=mask, implementation=_fused_implementation(cfg)), None
-  if segment_ids is None:
+  if segment_ids is None and (cache is not None or (mask is None and cfg.attention == "xla")):
     segment_ids = jnp.ones((b, t), jnp.int32)
-  if cache is None:
+  if cache is not None:
+    if mask is not None:
+      raise ValueError("an explicit attention mask is for a full forward pass, not a cached one")
+    end = cache["end"]
+    kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
+    mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+    return functools.partial(attention.xla_attention, bias=attention.mask_bias(mask)), kv_segment
+  if mask is None and segment_ids is not None:
     mask = attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
-    return functools.partial(attention.causal_attention, bias=attention.mask_bias(mask),
-                             q_block=cfg.attention_q_block), None
-  end = cache["end"]
-  kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-  mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
-  return functools.partial(attention.xla_attention, bias=attention.mask_bias(mask)), kv_segment
+  if cfg.attention != "xla":  # the fused kernel; rows of one document need no mask at all
+    return functools.partial(attention.fused_attention, mask=mask, implementation=_fused_implementation(cfg)), None
+  return functools.partial(attention.causal_attention, bias=attention.mask_bias(mask),
+                           q_block=cfg.attention_q_block), None
 
 
 def split_layers(stacked: dict[str, jax.Array], cfg: ModelConfig) -> list[dict[str, jax.Array]]:
