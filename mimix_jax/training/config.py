@@ -47,10 +47,16 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.prefetch = 2  # batches sent to the devices ahead of the step that trains on them (0 = none ahead)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 1e-3
-  c.optimizer.schedule = "cosine"  # cosine | linear | constant, all after a linear warmup
+  c.optimizer.name = "adamw"  # adamw | muon (Muon for the layers' projection matrices, AdamW for the rest)
+  c.optimizer.lr = 1e-3  # AdamW's peak lr (with muon: for the embedding, norms and the rest)
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant | wsd, all after a linear warmup
   c.optimizer.warmup_steps = 10
-  c.optimizer.min_lr_ratio = 0.1  # floor of cosine/linear decay as a fraction of lr
+  c.optimizer.min_lr_ratio = 0.1  # floor of cosine/linear/wsd decay as a fraction of the peak lr
+  c.optimizer.decay_fraction = 0.2  # wsd: the last fraction of total_steps decays linearly to the floor
+  c.optimizer.muon_lr = 0.02  # Muon's peak lr, on the same schedule (its updates are orthogonalised: ~unit scale)
+  c.optimizer.muon_momentum = 0.95  # Muon's Nesterov momentum
+  c.optimizer.muon_weight_decay = 0.0  # decoupled like AdamW's: w -= muon_lr(t) * (update + decay * w)
+  c.optimizer.muon_ns_steps = 5  # Newton-Schulz iterations per update
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
