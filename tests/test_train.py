@@ -50,16 +50,22 @@ def wait_for_steps(proc, run_dir, n, timeout=240):
   raise TimeoutError(f"no step {n} after {timeout}s")
 
 
-def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path, pretrain_shards, tokenizer_dir):
+# Muon's case also scans its layers (tiny unrolls them) and decays on the wsd schedule.
+MUON = ("--config.optimizer.name=muon", "--config.model.scan_layers=true", "--config.optimizer.schedule=wsd")
+
+
+@pytest.mark.parametrize("optimizer", [(), MUON], ids=["adamw", "muon"])
+def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path, pretrain_shards, tokenizer_dir,
+                                                                           optimizer):
   reference = tmp_path / "reference"
   # Fetching each batch when needed; the interrupted run below sends 2 ahead (the default): same losses.
-  subprocess.run(train_cmd(reference, pretrain_shards, tokenizer_dir, "--config.data.prefetch=0"), check=True,
-                 cwd=REPO, env=env(), capture_output=True)
+  subprocess.run(train_cmd(reference, pretrain_shards, tokenizer_dir, "--config.data.prefetch=0", *optimizer),
+                 check=True, cwd=REPO, env=env(), capture_output=True)
   expected = losses_of(reference)
   assert sorted(expected) == list(range(1, 13))
 
   run = tmp_path / "interrupted"
-  cmd = train_cmd(run, pretrain_shards, tokenizer_dir)
+  cmd = train_cmd(run, pretrain_shards, tokenizer_dir, *optimizer)
   # 1) SIGTERM: saves the current step and exits with the "interrupted, resumable" code, not 0.
   proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   wait_for_steps(proc, run, 4)
