@@ -271,6 +271,9 @@ USER_ERRORS = {
     "override type": (["--config.total_steps=many"], "--config.total_steps: expected an integer, got 'many'"),
     "vocabulary": (["--config.model.vocab_size=3000"], "model.vocab_size is 3000 but the tokenizer"),
     "another tokenizer": (["--config.tokenizer_path={tok2}"], "shards were made with the tokenizer"),
+    "optimizer": (["--config.optimizer.name=sgd"], "optimizer.name must be one of adamw, muon, got 'sgd'"),
+    "wsd fraction": (["--config.optimizer.schedule=wsd", "--config.optimizer.decay_fraction=2.0"],
+                     "optimizer.decay_fraction must be between 0 and 1, got 2.0"),
 }
 
 

@@ -20,7 +20,6 @@ from optax.contrib._muon import scale_by_shape  # optax.contrib.muon's width sca
 
 NO_DECAY = ("embed", "attn_norm", "mlp_norm", "final_norm")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-OPTIMIZERS = ("adamw", "muon")
 # Float32 buffers the optimizer keeps per parameter (the planner's note; the numbers come from the real state).
 STATE_PER_PARAM = {"adamw": "2 Adam moments for every parameter",
                    "muon": "1 Muon momentum for the projection matrices, 2 Adam moments for the rest"}
@@ -81,7 +80,8 @@ def muon_dimensions(params: Any, input_axes: dict[str, int]) -> Any:
   return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
-def _adamw(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def _adamw(opt: ml_collections.ConfigDict, total_steps: int, input_axes: dict[str, int] | None = None
+           ) -> optax.GradientTransformation:
   return optax.adamw(
       learning_rate=schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
       mask=lambda p: decay_mask(p, opt.decay_norms_and_embeddings))
@@ -103,10 +103,11 @@ def _muon(opt: ml_collections.ConfigDict, total_steps: int, input_axes: dict[str
 
 def make(opt: ml_collections.ConfigDict, total_steps: int, input_axes: dict[str, int]) -> optax.GradientTransformation:
   """The configured optimizer; `input_axes` names the layer projections Muon takes (ModelConfig's)."""
-  if opt.name not in OPTIMIZERS:
-    raise ValueError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {opt.name!r}")
+  builders = {"adamw": _adamw, "muon": _muon}
+  if opt.name not in builders:
+    raise ValueError(f"optimizer.name must be one of {', '.join(builders)}, got {opt.name!r}")
   chain = []
   if opt.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(opt.clip_norm))
-  chain.append(_adamw(opt, total_steps) if opt.name == "adamw" else _muon(opt, total_steps, input_axes))
+  chain.append(builders[opt.name](opt, total_steps, input_axes))
   return optax.chain(*chain)
