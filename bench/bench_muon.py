@@ -1,6 +1,6 @@
 """Muon against AdamW at CPU size: held-out loss against tokens for a small lr sweep of each, and the step time.
 
-    python bench/bench_muon.py [--out DIR] [--steps N] [--adamw_lrs 1.5e-3,3e-3,6e-3] [--muon_lrs .015,.03,.06] ...
+    python bench/bench_muon.py [--out DIR] [--steps N] [--adamw_lrs 7.5e-4,1.5e-3,3e-3] [--muon_lrs .015,.03,.06] ...
 
 On the shipped corpus: a tokenizer trained on data/corpus/train, training rows cut from data/corpus/train and
 the held-out loss on data/corpus/eval (other books). Every run starts from the same initial weights and sees the
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--warmup", type=int, default=20)
   p.add_argument("--schedule", default="cosine")
-  p.add_argument("--adamw_lrs", default="1.5e-3,3e-3,6e-3")
+  p.add_argument("--adamw_lrs", default="7.5e-4,1.5e-3,3e-3")
   p.add_argument("--muon_lrs", default="0.015,0.03,0.06")
   p.add_argument("--eval_every", type=int, default=25)
   p.add_argument("--eval_rows", type=int, default=64)

@@ -86,6 +86,21 @@ def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_pa
   assert losses_of(run) == expected  # bitwise: same data order, same state
 
 
+def test_a_wsd_run_kept_in_its_stable_stage_extends_into_exactly_the_longer_run(tmp_path, pretrain_shards,
+                                                                                tokenizer_dir):
+  wsd = ("--config.optimizer.schedule=wsd", "--config.optimizer.name=muon")
+  planned = tmp_path / "planned"
+  subprocess.run(train_cmd(planned, pretrain_shards, tokenizer_dir, *wsd, "--config.optimizer.decay_fraction=0.25"),
+                 check=True, cwd=REPO, env=env(), capture_output=True)
+  # 6 steps with no decay yet, then the same run resumed to 12 steps with the decay: the planned run, bitwise.
+  run = tmp_path / "extended"
+  subprocess.run(train_cmd(run, pretrain_shards, tokenizer_dir, *wsd, "--config.optimizer.decay_fraction=0",
+                           steps=6), check=True, cwd=REPO, env=env(), capture_output=True)
+  subprocess.run(train_cmd(run, pretrain_shards, tokenizer_dir, *wsd, "--config.optimizer.decay_fraction=0.25"),
+                 check=True, cwd=REPO, env=env(), capture_output=True)
+  assert losses_of(run) == losses_of(planned) and sorted(losses_of(run)) == list(range(1, 13))
+
+
 def test_init_from_hands_params_from_a_short_context_run_to_a_longer_one(tmp_path, pretrain_shards, tokenizer_dir):
   stage1 = tmp_path / "pretrain"
   subprocess.run(train_cmd(stage1, pretrain_shards, tokenizer_dir, steps=30, max_len=64), check=True, cwd=REPO,
