@@ -8,7 +8,9 @@ same batches in the same order on the same schedule; Muon's runs give the embedd
 best lr of the sweep, and sweep muon_lr. Writes DIR/results.jsonl (one line per evaluation, one per run, one
 summary: the tokens Muon needs to reach AdamW's final held-out loss) and DIR/muon_vs_adamw.png. The step times
 are measured after the sweep, the two best configurations alternating `--timing_steps` steps at a time for
-`--timing_rounds` rounds, so that load from other processes hits both alike; the overhead compares medians.
+`--timing_rounds` rounds, so that load from other processes hits both alike; the overhead compares medians, at
+the sweep's batch and at any `--timing_batches` (Newton-Schulz costs the same whatever the batch, so its share
+falls as the tokens per step grow).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -46,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval_rows", type=int, default=64)
   p.add_argument("--timing_steps", type=int, default=10)
   p.add_argument("--timing_rounds", type=int, default=3)
+  p.add_argument("--timing_batches", default="", help="more batch sizes to time the two best at, e.g. 32")
   p.add_argument("--model", default="", help="JSON overrides of the model fields (the smoke test shrinks it)")
   p.add_argument("--tokenizer_chars", type=int, default=1_500_000)
   p.add_argument("--seed", type=int, default=0)
@@ -117,7 +121,7 @@ def train_run(args, cfg, train_rows, eval_batches, params0, emit) -> dict:
   result = {**run, "final_eval_loss": curve[-1]["eval_loss"], "median_step_ms": 1e3 * statistics.median(times[1:]),
             "train_loss_last": float(metrics["loss"]), "tokens": curve[-1]["tokens"]}
   emit({"kind": "run", **result})
-  return {**result, "curve": curve, "step": tr}
+  return {**result, "curve": curve, "step": tr, "step_cfg": cfg}
 
 
 def tokens_to_reach(curve: list[dict], target: float) -> float | None:
@@ -129,16 +133,35 @@ def tokens_to_reach(curve: list[dict], target: float) -> float | None:
   return None
 
 
-def alternate_timing(args, best: dict, train_rows) -> dict:
-  """Median step ms of each best configuration, the two alternating so that outside load hits both alike."""
+def newton_schulz_flops(model_cfg, ns_steps: int = 5) -> int:
+  """Matmul FLOPs of one Muon update's Newton-Schulz iterations (optax's quintic; the smaller side first):
+  per iteration A = X X^T (2 m^2 n), A @ A (2 m^3), (b A + c A^2) @ X (2 m^2 n), for every layer's projection."""
+  total = 0
+  for name, n_in in model_cfg.projection_input_axes().items():
+    shape = model_cfg.layer_params()[name][0]
+    fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    m, n = min(fan_in, fan_out), max(fan_in, fan_out)
+    total += ns_steps * (4 * m * m * n + 2 * m ** 3)
+  return model_cfg.n_layers * total
+
+
+def alternate_timing(args, best: dict, train_rows, batch_size: int) -> dict:
+  """Median step ms of each best configuration at `batch_size` rows, the two alternating so that outside load
+  hits both alike (the sweep's own train step where the batch is the sweep's)."""
   import jax
   from mimix_jax.model import sharding
-  times = {name: [] for name in best}
-  batch = batch_of(train_rows[: args.batch])
-  states = {}
+  from mimix_jax.training import objectives
+  from mimix_jax.training.step import TrainStep
+  steps = {}
+  for name, run in best.items():
+    cfg = run["step_cfg"].copy_and_resolve_references()
+    cfg.batch_size = batch_size
+    steps[name] = run["step"] if batch_size == args.batch else TrainStep(cfg, objectives.from_config(cfg),
+                                                                         run["step"].mesh)
+  times, states = {name: [] for name in best}, {}
+  batch = batch_of(train_rows[:batch_size])
   for _ in range(args.timing_rounds):
-    for name, run in best.items():
-      tr = run["step"]
+    for name, tr in steps.items():
       with sharding.activate(tr.mesh):
         state = states.get(name) or tr.init_state(args.seed)
         b = tr.device_batch(batch)
@@ -181,6 +204,33 @@ def environment() -> dict:
           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "devices": f"1 x {jax.default_backend()}"}
 
 
+def load_corpus(args, vocab_size: int, tok_dir: Path):
+  """Training rows of data/corpus/train and held-out batches spread over data/corpus/eval, with a tokenizer
+  trained on a seeded sample of the training books (kept in tok_dir for a rerun)."""
+  import numpy as np
+  from mimix_jax import tokenizer as tokenizer_cmd
+  from mimix_jax.text.tokenizer import Tokenizer
+  if not (tok_dir / "tokenizer.model").exists():
+    assert tokenizer_cmd.main(["--input", str(REPO / "data/corpus/train"), "--vocab_size", str(vocab_size),
+                               "--output", str(tok_dir), "--max_chars", str(args.tokenizer_chars), "--seed", "0"]) == 0
+  tok = Tokenizer.load(tok_dir)
+  train_rows = corpus_rows(tok, REPO / "data/corpus/train", args.seq)
+  eval_rows = corpus_rows(tok, REPO / "data/corpus/eval", args.seq)
+  eval_rows = eval_rows[np.linspace(0, len(eval_rows) - 1, args.eval_rows).astype(int)]  # spread over both books
+  return train_rows, [batch_of(eval_rows[i: i + args.batch])
+                      for i in range(0, len(eval_rows) - args.batch + 1, args.batch)]
+
+
+def time_both(args, best: dict, train_rows, batch_size: int, model_cfg, emit) -> dict:
+  step_ms = alternate_timing(args, best, train_rows, batch_size)
+  tokens = batch_size * args.seq
+  row = {"tokens_per_step": tokens, "adamw_step_ms": step_ms["adamw"], "muon_step_ms": step_ms["muon"],
+         "step_time_ratio": step_ms["muon"] / step_ms["adamw"],
+         "train_gflop_per_step": model_cfg.flops_per_token(args.seq) * tokens / 1e9}
+  emit({"kind": "timing", "batch": batch_size, **row})
+  return row
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   out = Path(args.out)
@@ -192,25 +242,14 @@ def main(argv=None) -> int:
     results.write(json.dumps(row) + "\n")
     results.flush()
 
-  import numpy as np
-  from mimix_jax import tokenizer as tokenizer_cmd
-  from mimix_jax.text.tokenizer import Tokenizer
   from mimix_jax.model import transformer
   from mimix_jax.training import config as config_lib
 
   model = {**MODEL, **json.loads(args.model or "{}")}
-  tok_dir = out / "tokenizer"
-  if not (tok_dir / "tokenizer.model").exists():
-    assert tokenizer_cmd.main(["--input", str(REPO / "data/corpus/train"), "--vocab_size", str(model["vocab_size"]),
-                               "--output", str(tok_dir), "--max_chars", str(args.tokenizer_chars), "--seed", "0"]) == 0
-  tok = Tokenizer.load(tok_dir)
-  train_rows = corpus_rows(tok, REPO / "data/corpus/train", args.seq)
-  eval_rows = corpus_rows(tok, REPO / "data/corpus/eval", args.seq)
-  eval_rows = eval_rows[np.linspace(0, len(eval_rows) - 1, args.eval_rows).astype(int)]  # spread over both books
-  eval_batches = [batch_of(eval_rows[i: i + args.batch]) for i in range(0, len(eval_rows) - args.batch + 1, args.batch)]
-  first = make_cfg(args, model, "adamw", 0.0, 0.0)
-  params0 = transformer.init_params(config_lib.model_config(first), args.seed)
-  emit({"kind": "setup", **environment(), "model": model, "params": config_lib.model_config(first).param_count(),
+  train_rows, eval_batches = load_corpus(args, model["vocab_size"], out / "tokenizer")
+  model_cfg = config_lib.model_config(make_cfg(args, model, "adamw", 0.0, 0.0))
+  params0 = transformer.init_params(model_cfg, args.seed)
+  emit({"kind": "setup", **environment(), "model": model, "params": model_cfg.param_count(),
         "train_rows": len(train_rows), "eval_tokens": len(eval_batches) * args.batch * args.seq,
         "tokens_per_step": args.batch * args.seq, "steps": args.steps, "schedule": args.schedule})
 
@@ -222,14 +261,15 @@ def main(argv=None) -> int:
   best = {"adamw": best_adamw, "muon": min(muon, key=lambda r: r["final_eval_loss"])}
   target = best_adamw["final_eval_loss"]
   reached = tokens_to_reach(best["muon"]["curve"], target)
-  step_ms = alternate_timing(args, best, train_rows)
+  timing = {b: time_both(args, best, train_rows, b, model_cfg, emit)
+            for b in [args.batch, *(int(b) for b in args.timing_batches.split(",") if b)]}
   plot(adamw + muon, best, target, out / "muon_vs_adamw.png")
   emit({"kind": "summary", "adamw_best_lr": best_adamw["lr"], "muon_best_lr": best["muon"]["muon_lr"],
         "adamw_final_eval_loss": target, "muon_final_eval_loss": best["muon"]["final_eval_loss"],
         "adamw_tokens": best_adamw["tokens"], "muon_tokens_to_reach_adamw_final": reached,
         "token_ratio": None if reached is None else reached / best_adamw["tokens"],
-        "adamw_step_ms": step_ms["adamw"], "muon_step_ms": step_ms["muon"],
-        "step_time_ratio": step_ms["muon"] / step_ms["adamw"], "plot": str(out / "muon_vs_adamw.png")})
+        **{k: v for k, v in timing[args.batch].items() if k != "tokens_per_step"},
+        "newton_schulz_gflop_per_step": newton_schulz_flops(model_cfg) / 1e9, "plot": str(out / "muon_vs_adamw.png")})
   results.close()
   return 0
 

@@ -69,7 +69,7 @@ def test_muon_bench_sweeps_both_optimizers_and_writes_curves_runs_a_summary_and_
   proc = subprocess.run([sys.executable, str(BENCH / "bench_muon.py"), "--out", str(out), "--steps", "4",
                          "--eval_every", "2", "--seq", "32", "--warmup", "1", "--adamw_lrs", "1e-3,3e-3",
                          "--muon_lrs", "0.02,0.05", "--eval_rows", "16", "--timing_steps", "2", "--timing_rounds", "1",
-                         "--tokenizer_chars", "300000", "--model",
+                         "--timing_batches", "4", "--tokenizer_chars", "300000", "--model",
                          json.dumps(dict(vocab_size=800, n_layers=2, d_model=64, d_ff=128, attention_q_block=16))],
                         capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,6 +89,7 @@ def test_muon_bench_sweeps_both_optimizers_and_writes_curves_runs_a_summary_and_
   if summary["token_ratio"] is not None:
     assert summary["token_ratio"] == summary["muon_tokens_to_reach_adamw_final"] / summary["adamw_tokens"]
   assert summary["adamw_step_ms"] > 0 and summary["muon_step_ms"] > 0
+  assert [(r["batch"], r["tokens_per_step"]) for r in rows if r["kind"] == "timing"] == [(8, 256), (4, 128)]
   assert (out / "muon_vs_adamw.png").read_bytes()[:4] == b"\x89PNG"
 
 
