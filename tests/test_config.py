@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mimix_jax.training import config as config_lib
@@ -78,3 +79,48 @@ def test_dry_run_plans_gpt_large_on_8_devices_without_allocating():
   assert "FLOPs per token: 2.423 GFLOP" in text and "PaLM convention" in text
   peak = float(text.split("peak ~")[1].split(" GiB")[0])
   assert 5 < peak < 80  # fits an 80 GB GPU at the configured micro-batch
+
+
+@pytest.mark.parametrize("stage", ["pretrain_muon", "pretrain_2048_muon"])
+def test_gpt_large_muon_variant_is_its_pretrain_stage_with_muon(stage):
+  muon, reference = config_lib.load(f"configs/gpt_large.py:{stage}"), config_lib.load(
+      f"configs/gpt_large.py:{stage.removesuffix('_muon')}")
+  config_lib.validate(muon)
+  assert reference.optimizer.name == "adamw" and muon.optimizer.name == "muon"
+  changed = {k for k in muon.optimizer if muon.optimizer[k] != reference.optimizer[k]}
+  assert changed <= {"name", "muon_lr"}
+  assert muon.init_from == (reference.init_from + "_muon" if reference.init_from else "")
+  assert {k: v for k, v in muon.items() if k not in ("optimizer", "init_from")} == {
+      k: v for k, v in reference.items() if k not in ("optimizer", "init_from")}
+
+
+@pytest.mark.slow
+def test_dry_run_plans_gpt_large_with_muon_in_less_optimizer_memory():
+  def plan(stage):
+    out = subprocess.run([sys.executable, "-m", "mimix_jax.train", "--config", f"configs/gpt_large.py:{stage}",
+                          "--dry_run"], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("train state:"))
+    return out.stdout, float(line.split(" state ")[1].split(" GiB")[0])
+  text, muon_state = plan("pretrain_muon")
+  _, adamw_state = plan("pretrain")
+  assert "muon state" in text and "1 Muon momentum for the projection matrices" in text
+  # One float32 buffer fewer for every projection weight: 24 layers x 12.6M = 302M of the 353.5M parameters.
+  params = config_lib.model_config(config_lib.load("configs/gpt_large.py:pretrain"))
+  per_layer = sum(np.prod(shape) for name, (shape, _) in params.layer_params().items() if not name.endswith("norm"))
+  np.testing.assert_allclose(adamw_state - muon_state, params.n_layers * per_layer * 4 / 2**30, rtol=0.01)
+  peak = float(text.split("peak ~")[1].split(" GiB")[0])
+  assert 5 < peak < 80
+
+
+def test_the_planner_counts_the_chosen_optimizers_state():
+  from mimix_jax.training import planner
+  plans = {name: planner.plan(config_lib.load("configs/tiny.py:pretrain", [
+      f"--config.optimizer.name={name}", "--config.model.vocab_size=2000"])) for name in ("adamw", "muon")}
+  params = plans["adamw"]["param_bytes_total"]
+  model = config_lib.model_config(config_lib.load("configs/tiny.py:pretrain", ["--config.model.vocab_size=2000"]))
+  matrices = 4 * model.n_layers * sum(np.prod(shape) for name, (shape, _) in model.layer_params().items()
+                                      if name in model.projection_input_axes())
+  scalars = 64  # step counts and Newton-Schulz coefficients
+  assert 0 <= plans["adamw"]["opt_state_bytes_total"] - 2 * params < scalars  # Adam: mu and nu for everything
+  assert 0 <= plans["muon"]["opt_state_bytes_total"] - (2 * params - matrices) < scalars  # Muon: mu only

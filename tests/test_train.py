@@ -50,16 +50,22 @@ def wait_for_steps(proc, run_dir, n, timeout=240):
   raise TimeoutError(f"no step {n} after {timeout}s")
 
 
-def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path, pretrain_shards, tokenizer_dir):
+# Muon's case also scans its layers (tiny unrolls them) and decays on the wsd schedule.
+MUON = ("--config.optimizer.name=muon", "--config.model.scan_layers=true", "--config.optimizer.schedule=wsd")
+
+
+@pytest.mark.parametrize("optimizer", [(), MUON], ids=["adamw", "muon"])
+def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path, pretrain_shards, tokenizer_dir,
+                                                                           optimizer):
   reference = tmp_path / "reference"
   # Fetching each batch when needed; the interrupted run below sends 2 ahead (the default): same losses.
-  subprocess.run(train_cmd(reference, pretrain_shards, tokenizer_dir, "--config.data.prefetch=0"), check=True,
-                 cwd=REPO, env=env(), capture_output=True)
+  subprocess.run(train_cmd(reference, pretrain_shards, tokenizer_dir, "--config.data.prefetch=0", *optimizer),
+                 check=True, cwd=REPO, env=env(), capture_output=True)
   expected = losses_of(reference)
   assert sorted(expected) == list(range(1, 13))
 
   run = tmp_path / "interrupted"
-  cmd = train_cmd(run, pretrain_shards, tokenizer_dir)
+  cmd = train_cmd(run, pretrain_shards, tokenizer_dir, *optimizer)
   # 1) SIGTERM: saves the current step and exits with the "interrupted, resumable" code, not 0.
   proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   wait_for_steps(proc, run, 4)
@@ -78,6 +84,21 @@ def test_kill_and_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_pa
   # 3) The same command again finishes the run.
   subprocess.run(cmd, check=True, cwd=REPO, env=env(), capture_output=True)
   assert losses_of(run) == expected  # bitwise: same data order, same state
+
+
+def test_a_wsd_run_kept_in_its_stable_stage_extends_into_exactly_the_longer_run(tmp_path, pretrain_shards,
+                                                                                tokenizer_dir):
+  wsd = ("--config.optimizer.schedule=wsd", "--config.optimizer.name=muon")
+  planned = tmp_path / "planned"
+  subprocess.run(train_cmd(planned, pretrain_shards, tokenizer_dir, *wsd, "--config.optimizer.decay_fraction=0.25"),
+                 check=True, cwd=REPO, env=env(), capture_output=True)
+  # 6 steps with no decay yet, then the same run resumed to 12 steps with the decay: the planned run, bitwise.
+  run = tmp_path / "extended"
+  subprocess.run(train_cmd(run, pretrain_shards, tokenizer_dir, *wsd, "--config.optimizer.decay_fraction=0",
+                           steps=6), check=True, cwd=REPO, env=env(), capture_output=True)
+  subprocess.run(train_cmd(run, pretrain_shards, tokenizer_dir, *wsd, "--config.optimizer.decay_fraction=0.25"),
+                 check=True, cwd=REPO, env=env(), capture_output=True)
+  assert losses_of(run) == losses_of(planned) and sorted(losses_of(run)) == list(range(1, 13))
 
 
 def test_init_from_hands_params_from_a_short_context_run_to_a_longer_one(tmp_path, pretrain_shards, tokenizer_dir):
@@ -265,6 +286,9 @@ USER_ERRORS = {
     "override type": (["--config.total_steps=many"], "--config.total_steps: expected an integer, got 'many'"),
     "vocabulary": (["--config.model.vocab_size=3000"], "model.vocab_size is 3000 but the tokenizer"),
     "another tokenizer": (["--config.tokenizer_path={tok2}"], "shards were made with the tokenizer"),
+    "optimizer": (["--config.optimizer.name=sgd"], "optimizer.name must be one of adamw, muon, got 'sgd'"),
+    "wsd fraction": (["--config.optimizer.schedule=wsd", "--config.optimizer.decay_fraction=2.0"],
+                     "optimizer.decay_fraction must be between 0 and 1, got 2.0"),
 }
 
 

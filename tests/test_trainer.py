@@ -81,39 +81,45 @@ def test_tiny_model_overfits_a_small_batch():
   assert losses_[-1] < 0.5, losses_[-5:]
 
 
-def test_same_losses_and_params_on_one_device_and_a_2x2x2_mesh():
+@pytest.mark.parametrize("name", ["adamw", "muon"])  # muon: Newton-Schulz on matrices sharded over fsdp x tensor
+def test_same_losses_and_params_on_one_device_and_a_2x2x2_mesh(name):
   if jax.device_count() < 8:
     pytest.skip("needs 8 virtual devices")
   batches = [text_batch(8, 32, offset=i * 400) for i in range(5)]
   # The loss in 4 chunks on the mesh, at once on one device.
-  l1, p1, _ = run_steps(make_cfg(), one_device_mesh(), batches)
-  l8, p8, _ = run_steps(make_cfg(loss_chunk=8), sharding.make_mesh(2, 2, 2), batches)
+  l1, p1, _ = run_steps(make_cfg(**{"optimizer.name": name}), one_device_mesh(), batches)
+  l8, p8, _ = run_steps(make_cfg(loss_chunk=8, **{"optimizer.name": name}), sharding.make_mesh(2, 2, 2), batches)
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), p1, p8)
 
 
-def test_gradient_accumulation_4x2_equals_batch_8():
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_gradient_accumulation_4x2_equals_batch_8(name):
   batches = [text_batch(8, 32, offset=i * 400) for i in range(3)]
   # A larger Adam eps keeps updates proportional to gradients: with eps 1e-8, Adam turns float rounding in
   # near-zero gradients into full-size sign updates, which would test rounding, not accumulation.
-  l1, p1, _ = run_steps(make_cfg(grad_accum_steps=1, **{"optimizer.eps": 1e-3}), one_device_mesh(), batches)
-  l4, p4, _ = run_steps(make_cfg(grad_accum_steps=4, **{"optimizer.eps": 1e-3}), one_device_mesh(), batches)
+  fields = {"optimizer.eps": 1e-3, "optimizer.name": name}
+  l1, p1, _ = run_steps(make_cfg(grad_accum_steps=1, **fields), one_device_mesh(), batches)
+  l4, p4, _ = run_steps(make_cfg(grad_accum_steps=4, **fields), one_device_mesh(), batches)
   np.testing.assert_allclose(l1, l4, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
 
 
-def test_non_finite_gradient_skips_the_update():
-  cfg = make_cfg()
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_non_finite_gradient_skips_the_update(name):
+  cfg = make_cfg(**{"optimizer.name": name})
   mesh = one_device_mesh()
   tr = build(cfg, mesh)
   with sharding.activate(mesh):
     state = tr.init_state(0)
-    before = jax.tree.map(np.asarray, state["params"])
+    before = jax.tree.map(np.asarray, state)
     bad = text_batch(8, 32)
     bad["loss_mask"] = bad["loss_mask"] * np.float32("nan")
     state, m = tr(state, tr.device_batch(bad))
   assert not bool(m["finite"])
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state["params"]))
+  after = jax.tree.map(np.asarray, state)
+  for key in ("params", "opt_state"):  # Muon's momentum and counts too
+    jax.tree.map(np.testing.assert_array_equal, before[key], after[key])
   assert int(state["step"]) == 1
 
 

@@ -82,6 +82,11 @@ class ModelConfig:
         "w_down": ((f, d), ("mlp", "embed")),
     }
 
+  def projection_input_axes(self) -> dict[str, int]:
+    """Projection name -> how many leading axes of its layer_params shape contract with its input (the rest are
+    its output): wo [H, D, d] reads all heads' outputs; the others read d or F. Norms are not projections."""
+    return {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+
   def param_count(self, padded: bool = False) -> int:
     """Exact parameter count; `padded=False` is the number comparable with the original's."""
     per_layer = sum(math.prod(shape) for shape, _ in self.layer_params().values())

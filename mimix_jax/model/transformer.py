@@ -136,7 +136,7 @@ def _block(cfg: ModelConfig, h, p, positions, attend, kv_cache, cache_end):
     kv_cache = (k, v)
     k, v = k.astype(dt), v.astype(dt)
   out = checkpoint_name(attend(q, k, v), "attn_out")
-  h = h + project(out, p["wo"].astype(dt), n_contract=2)
+  h = h + project(out, p["wo"].astype(dt), n_contract=cfg.projection_input_axes()["wo"])
   h = constrain(h, "batch", "length", "act_embed")
 
   f = rms_norm(h, p["mlp_norm"], cfg.norm_eps)

@@ -27,6 +27,29 @@ def model_fields(model: ModelConfig) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def optimizer_defaults() -> ml_collections.ConfigDict:
+  """`c.optimizer`: the optimizer, its schedule and clipping (training/optimizer.py; README "Optimizer")."""
+  o = ml_collections.ConfigDict()
+  o.name = "adamw"  # adamw | muon (Muon for the layers' projection matrices, AdamW for the rest)
+  o.lr = 1e-3  # AdamW's peak lr (with muon: for the embedding, norms and the rest)
+  o.schedule = "cosine"  # cosine | linear | constant | wsd, all after a linear warmup
+  o.warmup_steps = 10
+  o.min_lr_ratio = 0.1  # floor of cosine/linear/wsd decay as a fraction of the peak lr
+  o.decay_fraction = 0.2  # wsd: the last fraction of total_steps decays linearly to the floor
+  o.muon_lr = 0.02  # Muon's peak lr, on the same schedule (its updates are orthogonalised: ~unit scale)
+  o.muon_momentum = 0.95  # Muon's Nesterov momentum
+  o.muon_weight_decay = 0.0  # decoupled like AdamW's: w -= muon_lr(t) * (update + decay * w)
+  o.muon_ns_steps = 5  # Newton-Schulz iterations per update
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.01
+  o.decay_norms_and_embeddings = False  # the original decays everything; we don't by default
+  o.clip_norm = 1.0  # global-norm clipping; 0 disables (the original's runs had none)
+  o.z_loss = 0.0  # weight of mean(logsumexp^2); 0 disables
+  return o
+
+
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "pretrain"  # what is optimised: pretrain | sft | dpo (training/objectives.py)
@@ -46,18 +69,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.worker_count = 0  # grain worker processes (0 = in the main process)
   c.data.prefetch = 2  # batches sent to the devices ahead of the step that trains on them (0 = none ahead)
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 1e-3
-  c.optimizer.schedule = "cosine"  # cosine | linear | constant, all after a linear warmup
-  c.optimizer.warmup_steps = 10
-  c.optimizer.min_lr_ratio = 0.1  # floor of cosine/linear decay as a fraction of lr
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.decay_norms_and_embeddings = False  # the original decays everything; we don't by default
-  c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 disables (the original's runs had none)
-  c.optimizer.z_loss = 0.0  # weight of mean(logsumexp^2); 0 disables
+  c.optimizer = optimizer_defaults()
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 takes the remaining devices
 

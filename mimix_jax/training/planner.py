@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from mimix_jax.model import sharding
-from mimix_jax.training import objectives
+from mimix_jax.training import objectives, optimizer
 from mimix_jax.training.step import TrainStep
 
 GiB = 1024**3
@@ -30,7 +30,7 @@ def plan(cfg: ml_collections.ConfigDict) -> dict:
   with sharding.activate(mesh):
     compiled = step.lower(state, step.abstract_batch()).compile()
   mem = compiled.memory_analysis()
-  state_bytes = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(step.abstract_state))
+  nbytes = lambda tree: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
   flops_per_token = model_cfg.flops_per_token(cfg.max_len)
   out = {
       "objective": cfg.objective, "mesh": dict(mesh.shape), "devices": mesh.size,
@@ -38,7 +38,9 @@ def plan(cfg: ml_collections.ConfigDict) -> dict:
       "vocab_size": model_cfg.vocab_size, "padded_vocab_size": model_cfg.padded_vocab_size,
       "flops_per_token": flops_per_token, "tokens_per_step": step.tokens_per_step,
       "flops_per_step": flops_per_token * step.tokens_per_step,
-      "state_bytes_total": int(state_bytes), "compile_seconds": round(time.perf_counter() - t0, 1),
+      "optimizer": cfg.optimizer.name, "param_bytes_total": nbytes(step.abstract_state["params"]),
+      "opt_state_bytes_total": nbytes(step.abstract_state["opt_state"]),
+      "state_bytes_total": nbytes(step.abstract_state), "compile_seconds": round(time.perf_counter() - t0, 1),
   }
   if mem is not None:
     out.update(
@@ -57,7 +59,9 @@ def report(cfg: ml_collections.ConfigDict) -> dict:
   print(f"FLOPs per token: {p['flops_per_token'] / 1e9:.3f} GFLOP (training, PaLM convention: 6N + 12*L*T*d_attn, "
         f"causal attention not halved); per step: {p['flops_per_step'] / 1e15:.2f} PFLOP "
         f"({p['tokens_per_step']:,} tokens)")
-  print(f"train state (fp32 params + Adam moments): {p['state_bytes_total'] / GiB:.2f} GiB in total")
+  print(f"train state: {p['state_bytes_total'] / GiB:.2f} GiB in total: fp32 params {p['param_bytes_total'] / GiB:.2f} "
+        f"GiB + {p['optimizer']} state {p['opt_state_bytes_total'] / GiB:.2f} GiB "
+        f"({optimizer.STATE_PER_PARAM[p['optimizer']]})")
   if "peak_bytes_per_device" in p:
     print(f"per device: arguments {p['argument_bytes_per_device'] / GiB:.2f} GiB, "
           f"temporaries {p['temp_bytes_per_device'] / GiB:.2f} GiB, "

@@ -48,7 +48,7 @@ class TrainStep:
     if self.model_cfg.n_kv_heads % mesh.shape["tensor"]:
       raise ValueError(f"model.n_kv_heads {self.model_cfg.n_kv_heads} is not divisible by mesh.tensor "
                        f"{mesh.shape['tensor']}")
-    self.tx = optimizer.make(cfg.optimizer, cfg.total_steps)
+    self.tx = optimizer.make(cfg.optimizer, cfg.total_steps, self.model_cfg.projection_input_axes())
     self.lr_schedule = optimizer.schedule(cfg.optimizer, cfg.total_steps)
     abstract_params = transformer.abstract_params(self.model_cfg)
     param_sh = transformer.param_shardings(self.model_cfg, mesh)
@@ -175,8 +175,11 @@ class TrainStep:
 
 
 def _mirror_param_shardings(abstract_opt: Any, param_sh: dict, mesh: Mesh) -> Any:
-  """Optimizer subtrees shaped like the params (Adam moments) get the params' shardings; the rest replicated."""
+  """Optimizer subtrees shaped like the params (Adam moments, Muon momentum) get the params' shardings; the rest
+  replicated. A partitioned optimizer's subtrees hold optax.MaskedNode where another one owns the param."""
   params_def = jax.tree.structure(param_sh)
-  is_params = lambda node: jax.tree.structure(node) == params_def
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  is_params = lambda node: not masked(node) and jax.tree.structure(node, is_leaf=masked) == params_def
+  mirror = lambda node: jax.tree.map(lambda x, s: x if masked(x) else s, node, param_sh, is_leaf=masked)
   replicated = NamedSharding(mesh, P())
-  return jax.tree.map(lambda node: param_sh if is_params(node) else replicated, abstract_opt, is_leaf=is_params)
+  return jax.tree.map(lambda node: mirror(node) if is_params(node) else replicated, abstract_opt, is_leaf=is_params)
