@@ -12,12 +12,12 @@ from typing import Any
 from mimix_jax import io_utils
 from mimix_jax.hf.configs import UnsupportedConfig
 from mimix_jax.text import splitting, tokenizer as tokenizer_lib
+# A noncharacter the chat template puts between "<" and "|" of message content.
+from mimix_jax.text.templates import ESCAPE_MARK
 
 # Our Tokenizer's own tokenizer_config.json, kept in exports under this name (transformers owns
 # tokenizer_config.json there) so that import_hf restores the tokenizer byte for byte.
 MIMIX_TOKENIZER_CONFIG = "mimix_tokenizer_config.json"
-# A noncharacter (U+FDD0, never in real text) the chat template puts between "<" and "|" of message content.
-ESCAPE_MARK = "\ufdd0"
 
 
 def hf_tokenizer_json(sp_model: bytes, bos_token: str) -> dict[str, Any]:

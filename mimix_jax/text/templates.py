@@ -1,0 +1,181 @@
+"""Chat templates as values: ours (Llama 3, built from ids) or a model's Jinja `chat_template`, rendered as
+transformers renders it. Both turn dialogs into (tokens, loss_mask, ends) for training and into prompts.
+
+tokenizer_config.json's "chat_template" names the template (TEMPLATES): "llama3", "jinja" with the source in
+"jinja_chat_template", or "none". Special-token strings inside message content stay text in both: the Jinja template sees
+them escaped (ESCAPE_MARK after their first character), so only the template's own specials become control
+tokens, and the mark is dropped before the text is encoded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+  from mimix_jax.text.tokenizer import Tokenizer
+
+# A noncharacter (never in real text); the same mark our exported tokenizer.json drops (hf/tokenizer.py).
+ESCAPE_MARK = "\ufdd0"
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens int32 [n], loss_mask uint8 [n], ends int64 [m]
+
+
+class Llama3Template:
+  """Ours: [bos] + per message <|start_header_id|> role <|end_header_id|> \\n\\n content.strip() <|eot_id|>;
+  the prompt ends with the assistant header. The loss is on a trained message's content and its <|eot_id|>."""
+
+  name = "llama3"
+
+  def __init__(self, tok: "Tokenizer", config: dict[str, Any]):
+    self._tok = tok
+    self._headers: dict[str, np.ndarray] = {}
+
+  def _header(self, role: str) -> np.ndarray:
+    """<|start_header_id|> role <|end_header_id|> "\\n\\n"."""
+    if role not in self._headers:
+      t = self._tok
+      ids = [t.start_header_id, *t.encode(role), t.end_header_id, *t.encode("\n\n")]
+      self._headers[role] = np.asarray(ids, np.int32)
+    return self._headers[role]
+
+  def prompt(self, messages: Sequence[dict], bos: bool) -> list[int]:
+    tokens, _, _ = self.encode_dialogs([messages], None, bos, 1)[0]
+    return tokens.tolist() + self._header("assistant").tolist()
+
+  def encode_dialogs(self, dialogs: Sequence[Sequence[dict]], loss_on: Sequence[Sequence[bool]] | None, bos: bool,
+                     num_threads: int) -> list[Encoded]:
+    contents = [m["content"].strip() for d in dialogs for m in d]
+    ids, lengths = self._tok.encode_many(contents, num_threads=num_threads)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    eot = np.asarray([self._tok.eot_id], np.int32)
+    out, k = [], 0
+    for d, dialog in enumerate(dialogs):
+      parts, masks = ([np.asarray([self._tok.bos_id], np.int32)], [np.zeros(1, np.uint8)]) if bos else ([], [])
+      ends = np.empty(len(dialog), np.int64)
+      n = int(bos)
+      for j, m in enumerate(dialog):
+        header = self._header(m["role"])
+        content = ids[offsets[k] : offsets[k + 1]]
+        k += 1
+        train = loss_on[d][j] if loss_on is not None else m["role"] == "assistant"
+        parts += [header, content, eot]
+        masks += [np.zeros(len(header), np.uint8), np.full(len(content) + 1, int(train), np.uint8)]
+        n += len(header) + len(content) + 1
+        ends[j] = n
+      tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+      out.append((tokens, np.concatenate(masks) if masks else np.zeros(0, np.uint8), ends))
+    return out
+
+
+def _raise_exception(message: str):
+  from jinja2.exceptions import TemplateError
+
+  raise TemplateError(message)
+
+
+class JinjaTemplate:
+  """A model's chat template, rendered as transformers' apply_chat_template renders it (ImmutableSandboxedEnvironment,
+  trim_blocks, lstrip_blocks, loopcontrols, raise_exception, bos_token / eos_token, add_generation_prompt) and
+  tokenized as transformers tokenizes the rendered text (cut at added tokens, no extra bos).
+
+  Assistant spans for the loss come from rendering prefixes: message j spans from the end of
+  render(messages[:j], add_generation_prompt=True) to the end of render(messages[:j+1]); the template must render
+  each prefix of a dialog as a prefix of the whole (every Llama-3 and ChatML template does).
+  """
+
+  name = "jinja"
+
+  def __init__(self, tok: "Tokenizer", config: dict[str, Any]):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = _raise_exception
+    self._template = env.from_string(config["jinja_chat_template"])
+    self._tok = tok
+    names = {name: text for name, (text, _) in tok.special_tokens.items()}
+    self._vars = {"bos_token": names.get("bos", ""), "eos_token": names.get("eos", "")}
+    texts = sorted(tok.added_texts(), key=len, reverse=True)
+    self._added = re.compile("|".join(map(re.escape, texts))) if texts else None
+
+  def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    escaped = [{**m, "content": self._escape(m["content"])} for m in messages]
+    return self._template.render(messages=escaped, add_generation_prompt=add_generation_prompt, **self._vars)
+
+  def _escape(self, content: str) -> str:
+    if self._added is None:
+      return content
+    return self._added.sub(lambda m: m.group()[0] + ESCAPE_MARK + m.group()[1:], content)
+
+  def _encode_rendered(self, text: str) -> list[int]:
+    """Added-token strings of the rendered text as their ids, the text between them as plain text."""
+    out: list[int] = []
+    pos = 0
+    for m in self._added.finditer(text) if self._added else ():
+      out += self._plain(text[pos : m.start()])
+      out.append(self._tok.token_id(m.group()))
+      pos = m.end()
+    return out + self._plain(text[pos:])
+
+  def _plain(self, text: str) -> list[int]:
+    text = text.replace(ESCAPE_MARK, "")
+    return self._tok.encode(text) if text else []
+
+  def _drop_bos(self, ids: list[int], bos: bool) -> list[int]:
+    return ids[1:] if not bos and ids[:1] == [self._tok.bos_id] else ids
+
+  def prompt(self, messages: Sequence[dict], bos: bool) -> list[int]:
+    return self._drop_bos(self._encode_rendered(self.render(messages, True)), bos)
+
+  def encode_dialogs(self, dialogs: Sequence[Sequence[dict]], loss_on: Sequence[Sequence[bool]] | None, bos: bool,
+                     num_threads: int) -> list[Encoded]:
+    return [self._encode_dialog(d, loss_on[i] if loss_on is not None else None, bos) for i, d in enumerate(dialogs)]
+
+  def _encode_dialog(self, dialog: Sequence[dict], loss_on: Sequence[bool] | None, bos: bool) -> Encoded:
+    full = self.render(dialog, False)
+    cuts, trained = [0], []  # character offsets into `full`; (start, end) of each trained message
+    for j, m in enumerate(dialog):
+      train = loss_on[j] if loss_on is not None else m["role"] == "assistant"
+      start = len(self._prefix(full, dialog[:j], add_generation_prompt=m["role"] == "assistant"))
+      end = len(self._prefix(full, dialog[: j + 1], add_generation_prompt=False))
+      cuts += [start, end]
+      if train:
+        trained.append((start, end))
+    cuts = sorted(set(cuts + [len(full)]))
+    tokens, mask, char_ends = [], [], {}
+    for a, b in zip(cuts, cuts[1:]):
+      ids = self._encode_rendered(full[a:b])
+      if not tokens and ids:
+        ids = self._drop_bos(ids, bos)
+      tokens += ids
+      mask += [int(any(s <= a and b <= e for s, e in trained))] * len(ids)
+      char_ends[b] = len(tokens)
+    char_ends[0] = 0
+    ends = [char_ends[len(self._prefix(full, dialog[: j + 1], False))] for j in range(len(dialog))]
+    return np.asarray(tokens, np.int32), np.asarray(mask, np.uint8), np.asarray(ends, np.int64)
+
+  def _prefix(self, full: str, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    text = self.render(messages, add_generation_prompt)
+    if not full.startswith(text):
+      raise ValueError("the model's chat template renders a dialog's first messages differently from the whole "
+                       "dialog, so assistant turns cannot be located for the loss (use our llama3 template)")
+    return text
+
+
+class NoTemplate:
+  """A model without a chat template (and without our template's special tokens): raw text only."""
+
+  name = "none"
+
+  def __init__(self, tok: "Tokenizer", config: dict[str, Any]):
+    pass
+
+  def prompt(self, *args: Any) -> list[int]:
+    raise ValueError("this tokenizer has no chat template (the model's tokenizer_config.json has none): use raw mode")
+
+  encode_dialogs = prompt
+
+
+TEMPLATES = {t.name: t for t in (Llama3Template, JinjaTemplate, NoTemplate)}
