@@ -176,6 +176,13 @@ def rank_file_of(tok: tokenizer_lib.Tokenizer) -> tuple[dict[bytes, int], str] |
   return ranks, pattern
 
 
+def _original_roles(tok: tokenizer_lib.Tokenizer) -> dict[str, list]:
+  """role -> [text, id] for the roles the original names, through our fallbacks (pad and eot may be eos)."""
+  texts = {idx: text for text, idx in tok.special_tokens.values()}
+  ids = {role: getattr(tok, f"{role}_id") for role in tokenizer_lib.NAMED_SPECIALS}
+  return {role: [texts[i], i] for role, i in ids.items() if i is not None}
+
+
 def original_tokenizer_config(tok: tokenizer_lib.Tokenizer, pat_str: str, n_ranks: int) -> dict[str, Any]:
   """The original's tokenizer_config (model_config.json) for a rank file of n_ranks written from `tok`: its
   reserved specials then cover every id above the ranks."""
@@ -183,8 +190,7 @@ def original_tokenizer_config(tok: tokenizer_lib.Tokenizer, pat_str: str, n_rank
       "tokenizer": "bpe",
       "pat_str": pat_str,
       "num_reserved_special_tokens": tok.vocab_size - n_ranks,
-      "special_tokens": {r: list(tok.special_tokens[r]) for r in tokenizer_lib.NAMED_SPECIALS
-                         if r in tok.special_tokens},
+      "special_tokens": _original_roles(tok),
       "use_tiktoken": True,
   }
 
