@@ -4,10 +4,10 @@
 
 HF_DIR needs config.json (LlamaForCausalLM with tied embeddings, unscaled RoPE, no biases: anything else is
 rejected with a message naming the field), safetensors weights (model.safetensors, or shards listed in
-model.safetensors.index.json; any float dtype) and a tokenizer, picked by the files present (TOKENIZERS): our
-export's sentencepiece model, else the model's `tokenizer.json` (its tokenizer_config.json's Jinja chat template,
-special tokens and generation_config.json's stop ids with it: hf/bpe.py), else a sentencepiece `tokenizer.model`
-holding our special tokens (<|begin_of_text|> ... <|pad_id|>).
+model.safetensors.index.json; any float dtype) and a tokenizer, picked by the files present (TOKENIZERS): a
+sentencepiece `tokenizer.model` holding our special tokens (<|begin_of_text|> ... <|pad_id|>), as our exports
+have, else the model's `tokenizer.json` (with its tokenizer_config.json's Jinja chat template, special tokens and
+generation_config.json's stop ids: hf/bpe.py).
 
 With --format mimixlm, HF_DIR is the original MimixLM's model folder instead: model_config.json, model_weights*
 (torch state dicts) and its tokenizer.model, a BPE rank file (or our sentencepiece model, in our own
@@ -55,14 +55,30 @@ def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite
   return {"model": str(model_dir), "output": str(output), "n_params": cfg.param_count(), "config": cfg.to_dict()}
 
 
-# Which file says which tokenizer a model directory has, in order of preference, and what imports it.
-TOKENIZERS = ((MIMIX_TOKENIZER_CONFIG, write_tokenizer_dir), ("tokenizer.json", bpe.write_tokenizer_json_dir),
-              (tokenizer_lib.MODEL_FILE, write_tokenizer_dir))
+def _our_sentencepiece(model_dir: Path) -> bool:
+  """A sentencepiece tokenizer.model holding our specials (an export of ours, maybe without its config)."""
+  import sentencepiece as spm
+
+  try:
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / tokenizer_lib.MODEL_FILE))
+  except (OSError, RuntimeError):  # not a sentencepiece model (e.g. a tiktoken file)
+    return False
+  bos = tokenizer_lib.NAMED_SPECIALS["bos"]
+  return sp.id_to_piece(sp.piece_to_id(bos)) == bos
+
+
+# Which tokenizer a model directory has, in order of preference (the test on its files), and what imports it.
+TOKENIZERS = (
+    (lambda d: (d / MIMIX_TOKENIZER_CONFIG).is_file(), write_tokenizer_dir),
+    (lambda d: (d / tokenizer_lib.MODEL_FILE).is_file() and _our_sentencepiece(d), write_tokenizer_dir),
+    (lambda d: (d / "tokenizer.json").is_file(), bpe.write_tokenizer_json_dir),
+    (lambda d: (d / tokenizer_lib.MODEL_FILE).is_file(), write_tokenizer_dir),  # refused, naming what it lacks
+)
 
 
 def _tokenizer_writer(model_dir: Path):
-  for name, writer in TOKENIZERS:
-    if (model_dir / name).is_file():
+  for present, writer in TOKENIZERS:
+    if present(model_dir):
       return writer
   raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer.model (the model's tokenizer is needed)")
 

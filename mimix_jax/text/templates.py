@@ -134,6 +134,10 @@ class JinjaTemplate:
     return [self._encode_dialog(d, loss_on[i] if loss_on is not None else None, bos) for i, d in enumerate(dialogs)]
 
   def _encode_dialog(self, dialog: Sequence[dict], loss_on: Sequence[bool] | None, bos: bool) -> Encoded:
+    if not dialog:  # a chat's empty start: the bos the template writes before a first message, if any
+      first = self.render([{"role": "user", "content": "."}], False)
+      head = [self._tok.bos_id] if bos and self._vars["bos_token"] and first.startswith(self._vars["bos_token"]) else []
+      return np.asarray(head, np.int32), np.zeros(len(head), np.uint8), np.zeros(0, np.int64)
     full = self.render(dialog, False)
     cuts, trained = [0], []  # character offsets into `full`; (start, end) of each trained message
     for j, m in enumerate(dialog):
