@@ -100,3 +100,23 @@ def save_mimixlm_folder(out: Path, tk: Tokenizer, hf_model_dir: Path) -> None:
                             "generation_mode": "chat", "system_message": "Be brief."},
   }
   (out / "model_config.json").write_text(json.dumps(config, indent=4, ensure_ascii=False))
+
+
+# SmolLM2-Instruct's chat template, verbatim: ChatML with a default system message when the dialog has none.
+CHATML_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                   "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+
+
+def save_chatml_tokenizer(out: Path, tk: Tokenizer) -> transformers.PreTrainedTokenizerFast:
+  """The BPE as SmolLM2-Instruct ships its tokenizer: <|im_start|> / <|im_end|>, eos <|im_end|>, no bos added."""
+  tk = Tokenizer.from_str(tk.to_str())
+  tk.post_processor = None
+  tk.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                                pad_token="<|im_end|>", clean_up_tokenization_spaces=False)
+  hf_tok.chat_template = CHATML_TEMPLATE
+  hf_tok.save_pretrained(out)
+  return hf_tok

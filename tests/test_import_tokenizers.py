@@ -19,6 +19,7 @@ import bpe_models
 from conftest import DPO_FILE, SFT_DIR, run_preprocess
 from test_train import REPO, env
 from mimix_jax import export as export_lib, import_hf as import_lib
+from mimix_jax.hf import bpe as hf_bpe
 from mimix_jax.inference.engine import Engine, generate_ids
 from mimix_jax.model import transformer as model_lib
 from mimix_jax.text import backends
@@ -216,3 +217,17 @@ def test_mimixlm_folder_imports_with_its_rank_file_and_round_trips(bpe, hf_dir, 
   for text in TEXTS:
     assert tok.encode(text) == _ids(exported_tok(text, add_special_tokens=False, split_special_tokens=True))
   shutil.rmtree(out / "mimixlm")
+
+
+def test_a_chatml_template_with_a_default_system_message(bpe, tmp_path):
+  hf_tok = bpe_models.save_chatml_tokenizer(tmp_path / "smol", bpe)
+  tok = hf_bpe.write_tokenizer_json_dir(tmp_path / "smol", tmp_path / "tokenizer", len(hf_tok))
+  assert (tok.eos_id, tok.eot_id, tok.pad_id) == (hf_tok.eos_token_id,) * 3
+  assert tok.encode("Hi", bos=True) == _ids(hf_tok("Hi"))  # this tokenizer adds no bos
+  for dialog in (DIALOG, DIALOG[1:]):  # the template adds a system message where the dialog has none
+    tokens, mask = tok.encode_dialog_and_targets(dialog)
+    assert tokens == _ids(hf_tok.apply_chat_template(dialog, tokenize=True))
+    assert tok.encode_dialog_prompt(dialog[:-1]) == _ids(hf_tok.apply_chat_template(dialog[:-1], tokenize=True,
+                                                                                   add_generation_prompt=True))
+    trained = tok.decode([t for t, m in zip(tokens, mask) if m], skip_special=False)
+    assert trained == "".join(m["content"] + "<|im_end|>\n" for m in dialog if m["role"] == "assistant")

@@ -21,7 +21,8 @@ from mimix_jax.text import backends, templates, tokenizer as tokenizer_lib
 
 HF_CONFIG = "hf_tokenizer_config.json"  # the model's tokenizer_config.json (ours owns that name in a run)
 JINJA_FILE = "chat_template.jinja"  # transformers 5 saves the template here instead of in tokenizer_config.json
-# Specials that end a chat turn, by model family (Llama 3, ChatML, Gemma); the model's eos otherwise.
+# Specials that end a chat turn, by model family (Llama 3, ChatML, Gemma): the one the chat template writes, else
+# the first the vocabulary has, else the model's eos.
 TURN_ENDS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 # The original's presets' regex (spec §3.2) is GPT-2's, the one a ByteLevel pre-tokenizer with use_regex applies.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -59,7 +60,9 @@ def tokenizer_json_config(model_dir: Path, vocab_size: int) -> dict[str, Any]:
   texts = {role: _token_text(hf.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
   if not texts["eos"] or tk.token_to_id(texts["eos"]) is None:
     raise UnsupportedConfig(f"{hf_path}: eos_token {texts['eos']!r} is not a token of tokenizer.json")
-  texts["eot"] = next((t for t in TURN_ENDS if tk.token_to_id(t) is not None), texts["eos"])
+  source = _jinja_source(model_dir, hf)
+  ends = [t for t in TURN_ENDS if tk.token_to_id(t) is not None]
+  texts["eot"] = next((t for t in ends if source and t in source), ends[0] if ends else texts["eos"])
   for role in ("start_header", "end_header"):
     texts[role] = tokenizer_lib.NAMED_SPECIALS[role]
   named = {role: [t, tk.token_to_id(t)] for role, t in texts.items() if t and tk.token_to_id(t) is not None}
@@ -67,7 +70,6 @@ def tokenizer_json_config(model_dir: Path, vocab_size: int) -> dict[str, Any]:
   spec = json.loads((model_dir / backends.TOKENIZER_JSON).read_text(encoding="utf-8"))
   added = spec.get("added_tokens", [])
   others = {t["content"]: t["id"] for t in added if t.get("special") and t["id"] not in named_ids}
-  source = _jinja_source(model_dir, hf)
   llama3_ok = {"bos", "eot", "start_header", "end_header"} <= set(named)
   config = {
       "tokenizer": backends.TokenizerJsonBackend.name,

@@ -81,8 +81,10 @@ class JinjaTemplate:
   tokenized as transformers tokenizes the rendered text (cut at added tokens, no extra bos).
 
   Assistant spans for the loss come from rendering prefixes: message j spans from the end of
-  render(messages[:j], add_generation_prompt=True) to the end of render(messages[:j+1]); the template must render
-  each prefix of a dialog as a prefix of the whole (every Llama-3 and ChatML template does).
+  render(messages[:j], add_generation_prompt=True) to the end of render(messages[:j+1]); for each trained message
+  both must render as prefixes of the whole dialog (Llama 3 and ChatML templates do). No `strftime_now` is
+  given to templates (transformers gives today's date), so data does not depend on the day it was made:
+  Llama 3.2's template then writes its fixed fallback date.
   """
 
   name = "jinja"
@@ -139,33 +141,35 @@ class JinjaTemplate:
       head = [self._tok.bos_id] if bos and self._vars["bos_token"] and first.startswith(self._vars["bos_token"]) else []
       return np.asarray(head, np.int32), np.zeros(len(head), np.uint8), np.zeros(0, np.int64)
     full = self.render(dialog, False)
-    cuts, trained = [0], []  # character offsets into `full`; (start, end) of each trained message
+    cuts, trained, message_ends = [0, len(full)], [], []  # character offsets into `full`
     for j, m in enumerate(dialog):
       train = loss_on[j] if loss_on is not None else m["role"] == "assistant"
-      start = len(self._prefix(full, dialog[:j], add_generation_prompt=m["role"] == "assistant"))
-      end = len(self._prefix(full, dialog[: j + 1], add_generation_prompt=False))
-      cuts += [start, end]
-      if train:
+      end = self._prefix_len(full, dialog[: j + 1], False)
+      if train:  # its span: from the end of the prompt that precedes it to the end of the message
+        start = self._prefix_len(full, dialog[:j], m["role"] == "assistant")
+        if start is None or end is None:
+          raise ValueError("the model's chat template renders a dialog's first messages differently from the "
+                           f"whole dialog, so {m['role']} message {j} cannot be located for the loss")
+        cuts.append(start)
         trained.append((start, end))
-    cuts = sorted(set(cuts + [len(full)]))
-    tokens, mask, char_ends = [], [], {}
+      # Other messages' ends only bound truncation: one the template rewrites later (a system block) keeps the last.
+      message_ends.append(end if end is not None else (message_ends[-1] if message_ends else 0))
+    cuts = sorted(set(cuts + message_ends))
+    tokens, mask, at = [], [], {0: 0}
     for a, b in zip(cuts, cuts[1:]):
       ids = self._encode_rendered(full[a:b])
       if not tokens and ids:
         ids = self._drop_bos(ids, bos)
       tokens += ids
       mask += [int(any(s <= a and b <= e for s, e in trained))] * len(ids)
-      char_ends[b] = len(tokens)
-    char_ends[0] = 0
-    ends = [char_ends[len(self._prefix(full, dialog[: j + 1], False))] for j in range(len(dialog))]
+      at[b] = len(tokens)
+    ends = [at[e] for e in message_ends]
     return np.asarray(tokens, np.int32), np.asarray(mask, np.uint8), np.asarray(ends, np.int64)
 
-  def _prefix(self, full: str, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+  def _prefix_len(self, full: str, messages: Sequence[dict], add_generation_prompt: bool) -> int | None:
+    """len(render(messages)) if it renders as the start of `full`, else None."""
     text = self.render(messages, add_generation_prompt)
-    if not full.startswith(text):
-      raise ValueError("the model's chat template renders a dialog's first messages differently from the whole "
-                       "dialog, so assistant turns cannot be located for the loss (use our llama3 template)")
-    return text
+    return len(text) if full.startswith(text) else None
 
 
 class NoTemplate:
