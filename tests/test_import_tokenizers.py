@@ -231,3 +231,23 @@ def test_a_chatml_template_with_a_default_system_message(bpe, tmp_path):
                                                                                    add_generation_prompt=True))
     trained = tok.decode([t for t, m in zip(tokens, mask) if m], skip_special=False)
     assert trained == "".join(m["content"] + "<|im_end|>\n" for m in dialog if m["role"] == "assistant")
+
+
+def test_generate_and_evaluate_commands_use_the_imported_run(run, hf_dir, tmp_path, capsys):
+  from mimix_jax import evaluate as evaluate_cmd, generate as generate_cmd
+
+  capsys.readouterr()
+  assert generate_cmd.main(["--checkpoint", str(run), "--chat", "--prompt", "Name a colour.", "--greedy",
+                            "--max_new_tokens", "8", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  prompt = Tokenizer.load(run / "tokenizer").encode_dialog_prompt([DIALOG[1]])
+  hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  theirs = hf.generate(torch.as_tensor([prompt]), do_sample=False, max_new_tokens=8)[0, len(prompt):].tolist()
+  stops = set(run_dir_lib.read_run_info(run).generation["stop_ids"])
+  cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
+  assert result["tokens"] == theirs[:cut]
+
+  text = tmp_path / "text.txt"
+  text.write_text(" ".join(TEXTS), encoding="utf-8")
+  assert evaluate_cmd.main(["--checkpoint", str(run), "--data", str(text), "--max_len", "32"]) == 0
+  assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])

@@ -160,9 +160,7 @@ def write_tokenizer_dir(model_dir: Path, out_dir: Path, vocab_size: int) -> toke
 
   model_path = model_dir / tokenizer_lib.MODEL_FILE
   if not model_path.is_file():
-    raise UnsupportedConfig(f"{model_dir}: no sentencepiece {tokenizer_lib.MODEL_FILE}; only sentencepiece "
-                            "tokenizers with our special tokens can be imported (mimix_jax.tokenizer cannot use a "
-                            "tokenizer.json-only tokenizer)")
+    raise UnsupportedConfig(f"{model_dir}: no sentencepiece {tokenizer_lib.MODEL_FILE} (nor a tokenizer.json)")
   sp = spm.SentencePieceProcessor(model_file=str(model_path))
   if sp.get_piece_size() != vocab_size:
     raise UnsupportedConfig(f"vocab_size={vocab_size} in config.json, but {tokenizer_lib.MODEL_FILE} has "
