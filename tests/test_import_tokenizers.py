@@ -251,3 +251,35 @@ def test_generate_and_evaluate_commands_use_the_imported_run(run, hf_dir, tmp_pa
   text.write_text(" ".join(TEXTS), encoding="utf-8")
   assert evaluate_cmd.main(["--checkpoint", str(run), "--data", str(text), "--max_len", "32"]) == 0
   assert np.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])
+
+
+def _edit_json(path, **changes):
+  data = json.loads(path.read_text())
+  for dotted, value in changes.items():
+    *parents, key = dotted.split("__")
+    target = data
+    for p in parents:
+      target = target[p]
+    target[key] = value
+  path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("fmt,edit,field", [
+    ("hf", ("tokenizer_config.json", {"eos_token": "<|no_such_token|>"}), "eos_token"),
+    ("mimixlm", None, "model_config.json"),  # an HF directory given as a MimixLM folder
+    ("mimixlm", ("model_config.json", {"model_config__share_emb_out_proj": False}), "share_emb_out_proj"),
+    ("mimixlm", ("model_config.json", {"tokenizer_config__special_tokens": {}}), "special_tokens"),
+])
+def test_import_errors_are_one_line_naming_the_field(bpe, hf_dir, tmp_path, capsys, fmt, edit, field):
+  src = tmp_path / "src"
+  if fmt == "hf" or edit is None:
+    shutil.copytree(hf_dir, src)
+  else:
+    bpe_models.save_mimixlm_folder(src, bpe, hf_dir)
+  if edit:
+    _edit_json(src / edit[0], **edit[1])
+  capsys.readouterr()
+  assert import_lib.main(["--model", str(src), "--output", str(tmp_path / "run"), "--format", fmt]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("import_hf: error: ") and field in err and err.count("\n") == 1
+  assert not (tmp_path / "run").exists()

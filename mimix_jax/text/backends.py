@@ -2,8 +2,9 @@
 and the original MimixLM's BPE rank file (tiktoken-style).
 
 Every backend encodes plain text with special-token strings treated as ordinary text (only a chat template
-inserts control tokens), decodes ids with specials rendered as their strings, and says which bytes an id stands
-for when it is a byte-level piece (so streaming decode can hold back an unfinished UTF-8 character).
+inserts control tokens), decodes ids with specials rendered as their strings, says which bytes an id stands
+for when it is a byte-level piece (so streaming decode can hold back an unfinished UTF-8 character), and lists
+its added tokens (`added`: text -> id, beyond the config's specials; a chat template's output is cut at them).
 tokenizer_config.json's "tokenizer" field names the backend (BACKENDS); each lists the files it reads (`files`).
 """
 
@@ -55,6 +56,7 @@ class SentencePieceBackend:
     import sentencepiece as spm
 
     self.path = directory / self.files[0]
+    self.added: dict[str, int] = {}  # the specials are user-defined pieces, all in the config
     self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
     self.size = self._sp.get_piece_size()
     self._meta_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META.encode()]
@@ -175,7 +177,7 @@ class RankFileBackend:
     specials = {text: idx for text, idx in all_specials(config)}
     self._enc = tiktoken.Encoding(name=directory.name or "mimixlm", pat_str=config["pat_str"],
                                   mergeable_ranks=ranks, special_tokens=specials)
-    self._specials = specials
+    self._specials = self.added = specials
     self._special_ids = set(specials.values())
     self.size = max([*ranks.values(), *specials.values()]) + 1
 

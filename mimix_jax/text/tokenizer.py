@@ -133,7 +133,7 @@ class Tokenizer:
 
   def added_texts(self) -> list[str]:
     """The texts that are control tokens when a chat template writes them: our specials and the model's added ones."""
-    return list({*(s for s, _ in self.special_tokens.values()), *getattr(self.backend, "added", {})})
+    return list({*(s for s, _ in self.special_tokens.values()), *self.backend.added})
 
   # ----- plain text -----
 
