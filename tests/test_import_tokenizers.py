@@ -141,7 +141,7 @@ def test_sft_from_the_import_then_export_back_to_transformers(run, hf_dir, tmp_p
   shards = tmp_path / "sft"
   assert run_preprocess(run / "tokenizer", shards, "sft", [SFT_DIR / "chatterbot_en.jsonl.gz"], 64) == 0
   dpo = tmp_path / "dpo"
-  assert run_preprocess(run / "tokenizer", dpo, "dpo", [DPO_FILE], 64) == 0
+  assert run_preprocess(run, dpo, "dpo", [DPO_FILE], 64) == 0  # a run directory: its tokenizer
   assert json.loads((dpo / "manifest.json").read_text())["tokenizer_sha256"] == Tokenizer.load(run / "tokenizer").sha256()
   tuned = tmp_path / "tuned"
   cmd = [sys.executable, "-m", "mimix_jax.train", "--config", "configs/tiny.py:sft", "--workdir", str(tuned),
