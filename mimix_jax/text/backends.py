@@ -170,7 +170,11 @@ class RankFileBackend:
   files = (RANK_FILE,)
 
   def __init__(self, directory: Path, config: dict[str, Any]):
-    import tiktoken
+    try:
+      import tiktoken
+    except ImportError:
+      raise RuntimeError(f"{directory}: the original's BPE rank file needs tiktoken (pinned in requirements.lock: "
+                         "make venv, or pip install tiktoken)") from None
 
     self.path = directory / RANK_FILE
     ranks = read_rank_file(self.path)
