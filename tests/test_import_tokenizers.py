@@ -107,6 +107,9 @@ def test_chat_template_ids_equal_apply_chat_template(run, hf_tok, system):
   turn = tok.encode_dialog_prompt([DIALOG[1]], bos=False)
   assert start + turn == _ids(hf_tok.apply_chat_template(dialog[:1] * system + [DIALOG[1]], tokenize=True,
                                                          add_generation_prompt=True))
+  reply = start + turn + tok.encode(DIALOG[2]["content"]) + tok.end_of_turn()
+  assert reply + tok.encode_dialog_prompt([DIALOG[3]], bos=False) == _ids(hf_tok.apply_chat_template(
+      dialog[:1] * system + DIALOG[1:4], tokenize=True, add_generation_prompt=True))
   # The loss is on each assistant message as the template renders it (content, then <|eot_id|>), nothing else.
   trained = tok.decode([t for t, m in zip(tokens, mask) if m], skip_special=False)
   assert trained == "".join(m["content"].strip() + "<|eot_id|>" for m in dialog if m["role"] == "assistant")
@@ -231,6 +234,14 @@ def test_a_chatml_template_with_a_default_system_message(bpe, tmp_path):
                                                                                    add_generation_prompt=True))
     trained = tok.decode([t for t, m in zip(tokens, mask) if m], skip_special=False)
     assert trained == "".join(m["content"] + "<|im_end|>\n" for m in dialog if m["role"] == "assistant")
+  # A chat fed turn by turn: the empty start (the default system message), then each turn without it again.
+  start = tok.encode_dialogs([[]])[0][0].tolist()
+  first = start + tok.encode_dialog_prompt([DIALOG[1]], bos=False)
+  assert first == _ids(hf_tok.apply_chat_template([DIALOG[1]], tokenize=True, add_generation_prompt=True))
+  reply = tok.encode_dialog_prompt(DIALOG[1:2]) + tok.encode(DIALOG[2]["content"]) + tok.end_of_turn()
+  assert reply == _ids(hf_tok.apply_chat_template(DIALOG[1:3], tokenize=True))
+  assert reply + tok.encode_dialog_prompt([DIALOG[3]], bos=False) == _ids(hf_tok.apply_chat_template(
+      DIALOG[1:4], tokenize=True, add_generation_prompt=True))
 
 
 def test_generate_and_evaluate_commands_use_the_imported_run(run, hf_dir, tmp_path, capsys):

@@ -40,6 +40,9 @@ class Llama3Template:
       self._headers[role] = np.asarray(ids, np.int32)
     return self._headers[role]
 
+  def end_of_turn(self) -> list[int]:
+    return [self._tok.eot_id]
+
   def prompt(self, messages: Sequence[dict], bos: bool) -> list[int]:
     tokens, _, _ = self.encode_dialogs([messages], None, bos, 1)[0]
     return tokens.tolist() + self._header("assistant").tolist()
@@ -67,6 +70,10 @@ class Llama3Template:
       tokens = np.concatenate(parts) if parts else np.zeros(0, np.int32)
       out.append((tokens, np.concatenate(masks) if masks else np.zeros(0, np.uint8), ends))
     return out
+
+
+# A first exchange to render other messages after (a chat's later turns), and a first message to render alone.
+PROBE = ({"role": "user", "content": "."}, {"role": "assistant", "content": "."})
 
 
 def _raise_exception(message: str):
@@ -129,16 +136,37 @@ class JinjaTemplate:
     return ids[1:] if not bos and ids[:1] == [self._tok.bos_id] else ids
 
   def prompt(self, messages: Sequence[dict], bos: bool) -> list[int]:
-    return self._drop_bos(self._encode_rendered(self.render(messages, True)), bos)
+    """bos=True: a whole conversation's prompt. bos=False: a later turn of a chat, as the template renders these
+    messages after an earlier exchange (no bos, no default system message again)."""
+    if bos:
+      return self._encode_rendered(self.render(messages, True))
+    return self._encode_rendered(self._later(messages, True))
+
+  def end_of_turn(self) -> list[int]:
+    """What the template writes after an assistant message's content (ChatML: <|im_end|> and a newline)."""
+    full, prompt = self.render(PROBE, False), self.render(PROBE[:1], True)
+    content = PROBE[1]["content"]
+    if not full.startswith(prompt + content):
+      return [self._tok.eot_id]
+    return self._encode_rendered(full[len(prompt) + len(content) :])
+
+  def _later(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    """What rendering `messages` after a probe exchange adds to it."""
+    before = self.render(PROBE, False)
+    text = self.render([*PROBE, *messages], add_generation_prompt)
+    if not text.startswith(before):
+      raise ValueError("the model's chat template renders earlier turns differently once a turn follows, so a chat "
+                       "cannot be fed turn by turn")
+    return text[len(before) :]
 
   def encode_dialogs(self, dialogs: Sequence[Sequence[dict]], loss_on: Sequence[Sequence[bool]] | None, bos: bool,
                      num_threads: int) -> list[Encoded]:
     return [self._encode_dialog(d, loss_on[i] if loss_on is not None else None, bos) for i, d in enumerate(dialogs)]
 
   def _encode_dialog(self, dialog: Sequence[dict], loss_on: Sequence[bool] | None, bos: bool) -> Encoded:
-    if not dialog:  # a chat's empty start: the bos the template writes before a first message, if any
-      first = self.render([{"role": "user", "content": "."}], False)
-      head = [self._tok.bos_id] if bos and self._vars["bos_token"] and first.startswith(self._vars["bos_token"]) else []
+    if not dialog:  # a chat's empty start: what the template writes before a first message (bos, a default system)
+      first, block = self.render(PROBE[:1], False), self._later(PROBE[:1], False)
+      head = self._drop_bos(self._encode_rendered(first[: len(first) - len(block)]), bos) if first.endswith(block) else []
       return np.asarray(head, np.int32), np.zeros(len(head), np.uint8), np.zeros(0, np.int64)
     full = self.render(dialog, False)
     cuts, trained, message_ends = [0, len(full)], [], []  # character offsets into `full`
@@ -183,7 +211,7 @@ class NoTemplate:
   def prompt(self, *args: Any) -> list[int]:
     raise ValueError("this tokenizer has no chat template (the model's tokenizer_config.json has none): use raw mode")
 
-  encode_dialogs = prompt
+  encode_dialogs = end_of_turn = prompt
 
 
 TEMPLATES = {t.name: t for t in (Llama3Template, JinjaTemplate, NoTemplate)}

@@ -170,6 +170,10 @@ class Tokenizer:
     """
     return self.template.prompt(messages, bos)
 
+  def end_of_turn(self) -> list[int]:
+    """The ids that close an assistant's reply in the chat format (ours: <|eot_id|>), for a chat's history."""
+    return self.template.end_of_turn()
+
   def encode_dialog_and_targets(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
     """Training sequence and loss mask for one conversation.
 
