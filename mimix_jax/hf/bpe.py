@@ -55,6 +55,9 @@ def tokenizer_json_config(model_dir: Path, vocab_size: int) -> dict[str, Any]:
   from tokenizers import Tokenizer as HFTokenizer
 
   tk = HFTokenizer.from_file(str(model_dir / backends.TOKENIZER_JSON))
+  if tk.get_vocab_size(with_added_tokens=True) > vocab_size:
+    raise UnsupportedConfig(f"vocab_size={vocab_size} in config.json, but tokenizer.json has "
+                            f"{tk.get_vocab_size(with_added_tokens=True)} ids: the model cannot embed them all")
   hf_path = model_dir / "tokenizer_config.json"
   hf = json.loads(hf_path.read_text(encoding="utf-8")) if hf_path.is_file() else {}
   texts = {role: _token_text(hf.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
@@ -95,10 +98,7 @@ def write_tokenizer_json_dir(model_dir: Path, out_dir: Path, vocab_size: int) ->
     if (model_dir / src).is_file():
       shutil.copyfile(model_dir / src, out_dir / dst)
   io_utils.write_json(out_dir / tokenizer_lib.CONFIG_FILE, config)
-  tok = tokenizer_lib.Tokenizer.load(out_dir)
-  if tok.backend.size > vocab_size:
-    raise UnsupportedConfig(f"vocab_size={vocab_size} in config.json, but tokenizer.json has {tok.backend.size} ids")
-  return tok
+  return tokenizer_lib.Tokenizer.load(out_dir)
 
 
 def rank_file_config(original: dict[str, Any], vocab_size: int, n_ranks: int) -> dict[str, Any]:
