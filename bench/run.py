@@ -33,6 +33,7 @@ def main(argv=None) -> int:
       py + [str(BENCH / "bench_checkpoint.py"), "--json", args.json],
       py + [str(BENCH / "bench_decode.py")],
       py + [str(BENCH / "bench_data.py"), "--json", args.json],
+      py + [str(BENCH / "bench_tokenizers.py"), "--json", args.json],
   ]
   failed = 0
   for cmd in runs:

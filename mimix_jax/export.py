@@ -11,9 +11,13 @@ OUTPUT/
   tokenizer_config.json       special tokens and the chat template (our training template, in Jinja)
   tokenizer.model             the original sentencepiece model
   mimix_tokenizer_config.json our tokenizer's config (import_hf restores the tokenizer from these two)
+                              (a run imported with a tokenizer.json gets the model's own tokenizer files back;
+                              a run with the original's rank file gets it as a byte-level tokenizer.json)
   export.json                 what was exported from where, and the verification numbers
   mimixlm/                    with --format mimixlm: model_weights (the original's torch state dict),
-                              model_config.json, tokenizer.model (ours: sentencepiece, see hf/configs.mimixlm_config)
+                              model_config.json, tokenizer.model: the original's BPE rank file when the run's
+                              tokenizer is a byte-level BPE, else our sentencepiece model, which the original's
+                              tokenizer loader cannot read (export prints a note saying so)
 
 Only the params are restored (no optimizer state), onto the default device, from a checkpoint saved on any mesh
 (the newest undamaged one of a run); weights holding NaN or inf are refused; padded vocabulary rows are stripped.
@@ -67,9 +71,12 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
     written = files.write_safetensors(tmp, state_dict, dtype, max_shard_size)
     del state_dict  # a full copy of the weights: free it before verification loads two more
     written += files.write_hf_config(tmp, cfg, tok, info.generation, dtype)
-    written += files.write_tokenizer(tmp, tok, cfg.max_len)
+    written += files.TOKENIZER_WRITERS[tok.backend.name](tmp, tok, cfg.max_len)
+    note = None
     if fmt == "mimixlm":
-      written += files.write_mimixlm(tmp / "mimixlm", params, cfg, tok, info.generation, dtype, name=info.run_dir.name)
+      mimixlm_files, note = files.write_mimixlm(tmp / "mimixlm", params, cfg, tok, info.generation, dtype,
+                                                name=info.run_dir.name)
+      written += mimixlm_files
     report = {
         "checkpoint": str(info.step_dir),
         "output": str(output),
@@ -79,6 +86,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
         "files": sorted(written),
         "sha256": {name: io_utils.sha256_file(tmp / name) for name in sorted(written)},  # import_hf checks them
         "generation": info.generation,  # import_hf restores it
+        "mimixlm_tokenizer_note": note,
         "verify": verify_export(tmp, cfg, params, tok, dtype) if verify else None,
     }
     io_utils.write_json(tmp / "export.json", report)
@@ -88,12 +96,15 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str 
 def verify_export(export_dir: Path, cfg, params: dict, tok: Tokenizer, dtype: str) -> dict[str, Any]:
   """Our float32 logits on the verification prompts, compared with transformers' on the export."""
   text_ids = [tok.encode(t, bos=True) for t in verify_lib.VERIFY_TEXTS]
-  chat_ids = tok.encode_dialog_prompt(verify_lib.VERIFY_DIALOG)
+  # A model's own template lets transformers read special-token strings in content as control tokens (ours never
+  # does), so its dialog is checked without them.
+  dialog = verify_lib.PLAIN_DIALOG if tok.template.name == "jinja" else verify_lib.VERIFY_DIALOG
+  chat_ids = tok.encode_dialog_prompt(dialog)
   prompts = [ids[: cfg.max_len] for ids in (*text_ids, chat_ids)]
   batch = verify_lib.prompt_batch(prompts, tok.pad_id)
   model = transformer.from_params(cfg, params)
   ours = np.asarray(model(jax.numpy.asarray(batch)))[..., : cfg.vocab_size].astype(np.float64)
-  return verify_lib.verify(export_dir, batch, [len(p) for p in prompts], ours, text_ids, chat_ids, dtype)
+  return verify_lib.verify(export_dir, batch, [len(p) for p in prompts], ours, text_ids, chat_ids, dtype, dialog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export: error: {e}", file=sys.stderr)
     return 2
   verified = "verified" if report["verify"] else "NOT verified (--no-verify, or torch/transformers not installed)"
+  if report["mimixlm_tokenizer_note"]:
+    print(f"export: note: {report['mimixlm_tokenizer_note']}")
   print(f"exported {report['n_params']:,} params ({report['dtype']}, {verified}) from {report['checkpoint']} "
         f"to {args.output}")
   return 0

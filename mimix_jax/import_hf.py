@@ -1,11 +1,17 @@
 """Import a local Hugging Face Llama-architecture checkpoint as a run directory.
 
-    python -m mimix_jax.import_hf --model HF_DIR --output RUN_DIR [--overwrite]
+    python -m mimix_jax.import_hf --model HF_DIR --output RUN_DIR [--format hf|mimixlm] [--overwrite]
 
 HF_DIR needs config.json (LlamaForCausalLM with tied embeddings, unscaled RoPE, no biases: anything else is
 rejected with a message naming the field), safetensors weights (model.safetensors, or shards listed in
-model.safetensors.index.json; any float dtype) and a sentencepiece `tokenizer.model` that holds our special
-tokens (<|begin_of_text|> ... <|pad_id|>), as every export of ours does.
+model.safetensors.index.json; any float dtype) and a tokenizer, picked by the files present (TOKENIZERS): a
+sentencepiece `tokenizer.model` holding our special tokens (<|begin_of_text|> ... <|pad_id|>), as our exports
+have, else the model's `tokenizer.json` (with its tokenizer_config.json's Jinja chat template, special tokens and
+generation_config.json's stop ids: hf/bpe.py).
+
+With --format mimixlm, HF_DIR is the original MimixLM's model folder instead: model_config.json, model_weights*
+(torch state dicts) and its tokenizer.model, a BPE rank file (or our sentencepiece model, in our own
+--format mimixlm exports).
 
 RUN_DIR gets model.json, tokenizer/ and a params-only checkpoint at step 0, so train (init_from), generate, chat
 and evaluate use it directly. The run directory appears only once it is complete.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from mimix_jax import io_utils
-from mimix_jax.hf import configs, files, layout
+from mimix_jax.hf import bpe, configs, files, layout, mimixlm
 from mimix_jax.hf.configs import UnsupportedConfig
-from mimix_jax.hf.tokenizer import write_tokenizer_dir
+from mimix_jax.hf.tokenizer import MIMIX_TOKENIZER_CONFIG, write_tokenizer_dir
 from mimix_jax.text import tokenizer as tokenizer_lib
 from mimix_jax.training import checkpoints, run_dir
 
@@ -42,10 +49,60 @@ def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite
   _check_tied(tensors)
   params = layout.from_hf_state_dict(tensors, cfg)
   with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
-    tok = write_tokenizer_dir(model_dir, tmp / "tokenizer", cfg.vocab_size)
+    tok = _tokenizer_writer(model_dir)(model_dir, tmp / "tokenizer", cfg.vocab_size)
     run_dir.write_run_info(tmp, cfg, tmp / "tokenizer", generation_defaults(model_dir, tok))  # the tokenizer stays
     checkpoints.save_params(tmp, 0, params)
   return {"model": str(model_dir), "output": str(output), "n_params": cfg.param_count(), "config": cfg.to_dict()}
+
+
+def _our_sentencepiece(model_dir: Path) -> bool:
+  """A sentencepiece tokenizer.model holding our specials (an export of ours, maybe without its config)."""
+  import sentencepiece as spm
+
+  try:
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / tokenizer_lib.MODEL_FILE))
+  except (OSError, RuntimeError):  # not a sentencepiece model (e.g. a tiktoken file)
+    return False
+  bos = tokenizer_lib.NAMED_SPECIALS["bos"]
+  return sp.id_to_piece(sp.piece_to_id(bos)) == bos
+
+
+# Which tokenizer a model directory has, in order of preference (the test on its files), and what imports it.
+TOKENIZERS = (
+    (lambda d: (d / MIMIX_TOKENIZER_CONFIG).is_file(), write_tokenizer_dir),
+    (lambda d: (d / tokenizer_lib.MODEL_FILE).is_file() and _our_sentencepiece(d), write_tokenizer_dir),
+    (lambda d: (d / "tokenizer.json").is_file(), bpe.write_tokenizer_json_dir),
+    (lambda d: (d / tokenizer_lib.MODEL_FILE).is_file(), write_tokenizer_dir),  # refused, naming what it lacks
+)
+
+
+def _tokenizer_writer(model_dir: Path):
+  for present, writer in TOKENIZERS:
+    if present(model_dir):
+      return writer
+  raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer.model (the model's tokenizer is needed)")
+
+
+def import_mimixlm(folder: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+  """Converts the original's model folder into RUN_DIR; returns a summary."""
+  folder = Path(folder)
+  config = mimixlm.read_config(folder)
+  cfg = mimixlm.model_config(config)
+  params = layout.from_hf_state_dict(mimixlm.read_weights(folder), cfg)
+  original_tok = config["tokenizer_config"]
+  with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
+    if original_tok.get("tokenizer") == "sentencepiece-bpe":  # our own --format mimixlm export
+      (tmp / "tokenizer").mkdir()
+      io_utils.write_json(tmp / "tokenizer" / tokenizer_lib.CONFIG_FILE, original_tok)
+      shutil.copyfile(folder / tokenizer_lib.MODEL_FILE, tmp / "tokenizer" / tokenizer_lib.MODEL_FILE)
+      tok = tokenizer_lib.Tokenizer.load(tmp / "tokenizer")
+    else:
+      tok = bpe.write_rank_file_dir(folder, original_tok, tmp / "tokenizer", cfg.vocab_size)
+    gen = mimixlm.generation(config, run_dir.DEFAULT_GENERATION)
+    gen["stop_ids"] = tokenizer_lib.stop_ids(tok, gen["stop_ids"])
+    run_dir.write_run_info(tmp, cfg, tmp / "tokenizer", gen)
+    checkpoints.save_params(tmp, 0, params)
+  return {"model": str(folder), "output": str(output), "n_params": cfg.param_count(), "config": cfg.to_dict()}
 
 
 def _check_hashes(model_dir: Path) -> None:
@@ -85,15 +142,20 @@ def generation_defaults(model_dir: Path, tok: tokenizer_lib.Tokenizer) -> dict[s
   return gen
 
 
+IMPORTERS = {"hf": import_hf, "mimixlm": import_mimixlm}
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m mimix_jax.import_hf", description=__doc__.split("\n")[0])
   p.add_argument("--model", required=True, help="a local Hugging Face model directory")
   p.add_argument("--output", required=True, help="the run directory to create")
+  p.add_argument("--format", default="hf", choices=list(IMPORTERS),
+                 help="hf: a Hugging Face model directory; mimixlm: the original MimixLM's model folder")
   p.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
   args = p.parse_args(argv)
   try:
-    summary = import_hf(args.model, args.output, args.overwrite)
-  except (UnsupportedConfig, FileExistsError, FileNotFoundError, ValueError) as e:
+    summary = IMPORTERS[args.format](args.model, args.output, args.overwrite)
+  except (UnsupportedConfig, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
     print(f"import_hf: error: {e}", file=sys.stderr)
     return 2
   print(f"imported {summary['n_params']:,} params from {args.model} into {args.output} (checkpoint step 0)")

@@ -1,6 +1,6 @@
 """Raw text, conversations and preference pairs -> tokenized shards (data/preprocess.py does the work).
 
-  python -m mimix_jax.preprocess --stage {pretrain,sft,dpo} --tokenizer TOKENIZER_DIR --input PATH... \\
+  python -m mimix_jax.preprocess --stage {pretrain,sft,dpo} --tokenizer TOKENIZER_OR_RUN_DIR --input PATH... \\
       --output SHARD_DIR --max_len N [--workers W] [--strict] [--pack] [--text_field F...] \\
       [--conversation_field F...] [--system_message TEXT] [--sample_ratio P --seed S]
 
@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from mimix_jax.data import preprocess, schemas
+from mimix_jax.text.tokenizer import CONFIG_FILE
 
 
 def parse_args(argv: Sequence[str]) -> preprocess.Options:
   p = argparse.ArgumentParser(prog="python -m mimix_jax.preprocess", description=__doc__.split("\n\n")[0])
   p.add_argument("--stage", choices=list(preprocess.STAGES), required=True)
-  p.add_argument("--tokenizer", required=True, help="tokenizer directory (python -m mimix_jax.tokenizer)")
+  p.add_argument("--tokenizer", required=True,
+                 help="tokenizer directory (python -m mimix_jax.tokenizer), or a run directory: its tokenizer/ (an "
+                      "imported model's tokenizer and chat template)")
   p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt .jsonl .json .csv .parquet, .gz)")
   p.add_argument("--output", required=True, help="shard directory to create")
   p.add_argument("--max_len", type=int, required=True, help="training sequence length; sequences store max_len + 1 tokens")
@@ -38,8 +42,10 @@ def parse_args(argv: Sequence[str]) -> preprocess.Options:
   p.add_argument("--shard_tokens", type=int, default=1 << 25, help="tokens per shard file (bounds memory)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
   a = p.parse_args(argv)
+  run_tokenizer = Path(a.tokenizer) / "tokenizer"  # where every run directory keeps its tokenizer
+  tokenizer = str(run_tokenizer) if (run_tokenizer / CONFIG_FILE).is_file() else a.tokenizer
   return preprocess.Options(
-      stage=a.stage, tokenizer=a.tokenizer, inputs=tuple(a.input), output=a.output, max_len=a.max_len,
+      stage=a.stage, tokenizer=tokenizer, inputs=tuple(a.input), output=a.output, max_len=a.max_len,
       workers=a.workers, strict=a.strict, text_fields=tuple(a.text_field), conversation_fields=tuple(a.conversation_field),
       system_message=a.system_message, pack=a.pack, sample_ratio=a.sample_ratio, seed=a.seed,
       shard_tokens=a.shard_tokens, overwrite=a.overwrite)

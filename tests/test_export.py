@@ -272,6 +272,21 @@ def test_mimixlm_layout_names_shapes_and_numpy_reference_forward(run, f32_export
                                   f.get_tensor("model.layers.1.mlp.gate_proj.weight"))
 
 
+def test_a_sentencepiece_mimixlm_export_says_what_the_original_cannot_do_and_imports_back(run, f32_export, tmp_path):
+  run_dir, params, tok = run
+  out, report = f32_export
+  assert "sentencepiece" in report["mimixlm_tokenizer_note"] and "load_tokenizer" in report["mimixlm_tokenizer_note"]
+  back = tmp_path / "back"
+  assert import_lib.main(["--model", str(out / "mimixlm"), "--output", str(back), "--format", "mimixlm"]) == 0
+  info = run_dir_lib.read_run_info(back)
+  assert tokenizer_lib.Tokenizer.load(info.tokenizer_dir).sha256() == tok.sha256()  # the same tokenizer, byte for byte
+  assert info.generation["mode"] == "chat" and tok.eot_id in info.generation["stop_ids"]
+  tokens = _test_tokens(info.model, seed=3)[:, :64]
+  back_params = jax.tree.map(np.asarray, checkpoints.load_params(back))
+  np.testing.assert_allclose(_jax_logits(back_params, info.model, tokens), _jax_logits(params, info.model, tokens),
+                             atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- failures
 
 def test_verification_fails_on_a_wrong_export(run, f32_export):

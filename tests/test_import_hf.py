@@ -119,5 +119,6 @@ def test_tokenizer_without_our_special_tokens_is_rejected(tok, hf_dir, tmp_path)
   spm.SentencePieceTrainer.train(input=str(tmp_path / "book.txt"), model_prefix=str(tmp_path / "plain"),
                                  vocab_size=tok.vocab_size, model_type="bpe", minloglevel=2)
   shutil.copyfile(tmp_path / "plain.model", src / "tokenizer.model")
+  (src / "tokenizer.json").unlink()  # with it, the model's tokenizer.json would be imported instead
   with pytest.raises(UnsupportedConfig, match=r"no <\|begin_of_text\|> piece"):
     import_lib.import_hf(src, tmp_path / "run")

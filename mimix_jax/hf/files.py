@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from mimix_jax import io_utils
-from mimix_jax.hf import configs, layout
+from mimix_jax.hf import bpe, configs, layout
 from mimix_jax.hf.tokenizer import MIMIX_TOKENIZER_CONFIG, chat_template, hf_tokenizer_json
 from mimix_jax.model.config import ModelConfig
 from mimix_jax.text import tokenizer as tokenizer_lib
@@ -96,13 +96,9 @@ def special_texts(tok: Tokenizer) -> dict[str, str]:
   return {role: tok.special_tokens[role][0] for role in tokenizer_lib.NAMED_SPECIALS}
 
 
-def write_tokenizer(out_dir: Path, tok: Tokenizer, max_len: int) -> list[str]:
-  """tokenizer.json, tokenizer_config.json (with the chat template), and our originals: tokenizer.model and
-  our tokenizer_config.json as MIMIX_TOKENIZER_CONFIG (for import_hf)."""
-  sp_model = Path(tok.model_path).read_bytes()
-  names = special_texts(tok)
-  io_utils.write_json(out_dir / "tokenizer.json", hf_tokenizer_json(sp_model, names["bos"]))
-  config = {
+def _hf_tokenizer_config(names: dict[str, str], max_len: int) -> dict[str, Any]:
+  """tokenizer_config.json for a tokenizer.json we write, with our chat template in Jinja."""
+  return {
       # The generic class loads tokenizer.json as written, in transformers 4.x and 5.x, with no custom code.
       "tokenizer_class": "PreTrainedTokenizerFast",
       "bos_token": names["bos"],
@@ -112,16 +108,47 @@ def write_tokenizer(out_dir: Path, tok: Tokenizer, max_len: int) -> list[str]:
       "clean_up_tokenization_spaces": False,
       "chat_template": chat_template(names),
   }
-  io_utils.write_json(out_dir / "tokenizer_config.json", config)
+
+
+def write_tokenizer(out_dir: Path, tok: Tokenizer, max_len: int) -> list[str]:
+  """tokenizer.json, tokenizer_config.json (with the chat template), and our originals: tokenizer.model and
+  our tokenizer_config.json as MIMIX_TOKENIZER_CONFIG (for import_hf)."""
+  sp_model = Path(tok.model_path).read_bytes()
+  names = special_texts(tok)
+  io_utils.write_json(out_dir / "tokenizer.json", hf_tokenizer_json(sp_model, names["bos"]))
+  io_utils.write_json(out_dir / "tokenizer_config.json", _hf_tokenizer_config(names, max_len))
   (out_dir / "tokenizer.model").write_bytes(sp_model)
   shutil.copyfile(Path(tok.model_path).parent / tokenizer_lib.CONFIG_FILE, out_dir / MIMIX_TOKENIZER_CONFIG)
   return ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", MIMIX_TOKENIZER_CONFIG]
 
 
+def write_model_tokenizer(out_dir: Path, tok: Tokenizer, max_len: int) -> list[str]:
+  """A tokenizer.json run's tokenizer as it was imported (hf/bpe.py)."""
+  return bpe.write_model_tokenizer(out_dir, tok)
+
+
+def write_rank_file_tokenizer(out_dir: Path, tok: Tokenizer, max_len: int) -> list[str]:
+  """A rank-file run's tokenizer as tokenizer.json (the same byte-level BPE) with our chat template."""
+  ranks, pat_str = bpe.rank_file_of(tok)
+  names = special_texts(tok)
+  specials = {text: idx for text, idx in tok.special_tokens.values()}
+  io_utils.write_json(out_dir / "tokenizer.json", bpe.tokenizer_json_from_ranks(ranks, pat_str, specials, names["bos"]))
+  config = _hf_tokenizer_config(names, max_len)
+  io_utils.write_json(out_dir / "tokenizer_config.json", config)
+  return ["tokenizer.json", "tokenizer_config.json"]
+
+
+# How each backend's tokenizer is written into an HF export.
+TOKENIZER_WRITERS = {"sentencepiece-bpe": write_tokenizer, "tokenizer.json": write_model_tokenizer,
+                     "bpe": write_rank_file_tokenizer}
+
+
 def write_mimixlm(out_dir: Path, params: dict, cfg: ModelConfig, tok: Tokenizer, generation: dict[str, Any],
-                  dtype: str, name: str) -> list[str]:
+                  dtype: str, name: str) -> tuple[list[str], str | None]:
   """The original's model folder: `model_weights` (torch.save of its state_dict names and [out, in] shapes,
-  RoPE buffer included), `model_config.json`, and our sentencepiece `tokenizer.model`."""
+  RoPE buffer included), `model_config.json`, and `tokenizer.model`: the original's BPE rank file where the
+  run's tokenizer is a byte-level BPE (checked to encode as ours), else our sentencepiece model. Returns the
+  files and, for the latter, what the original cannot do with it."""
   try:
     import torch
   except ImportError:
@@ -130,7 +157,17 @@ def write_mimixlm(out_dir: Path, params: dict, cfg: ModelConfig, tok: Tokenizer,
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   tensors = layout.to_torch_state_dict(params, cfg, "mimixlm")
   torch.save({k: torch.tensor(v, dtype=torch_dtype) for k, v in tensors.items()}, out_dir / "model_weights")
-  config = configs.mimixlm_config(cfg, tok.config, generation, dtype, model_name=name)
+  rank_file, note = bpe.rank_file_of(tok), None
+  if isinstance(rank_file, tuple):
+    ranks, pat_str = rank_file
+    tokenizer_config = bpe.original_tokenizer_config(tok, pat_str, len(ranks))
+    bpe.write_checked_rank_file(out_dir / "tokenizer.model", ranks, tokenizer_config, tok)
+  else:
+    tokenizer_config = tok.config
+    shutil.copyfile(tok.model_path, out_dir / "tokenizer.model")
+    note = (f"mimixlm/tokenizer.model is our sentencepiece model: {rank_file}. The original's load_model() reads "
+            "the weights (its forward pass gives our logits), but its load_tokenizer() knows only its BPE rank "
+            "files, so its chat/generate CLI cannot run with this tokenizer")
+  config = configs.mimixlm_config(cfg, tokenizer_config, generation, dtype, model_name=name)
   io_utils.write_text(out_dir / "model_config.json", json.dumps(config, indent=4, ensure_ascii=False) + "\n")
-  shutil.copyfile(tok.model_path, out_dir / "tokenizer.model")
-  return ["mimixlm/model_weights", "mimixlm/model_config.json", "mimixlm/tokenizer.model"]
+  return ["mimixlm/model_weights", "mimixlm/model_config.json", "mimixlm/tokenizer.model"], note

@@ -12,12 +12,12 @@ from typing import Any
 from mimix_jax import io_utils
 from mimix_jax.hf.configs import UnsupportedConfig
 from mimix_jax.text import splitting, tokenizer as tokenizer_lib
+# A noncharacter the chat template puts between "<" and "|" of message content.
+from mimix_jax.text.templates import ESCAPE_MARK
 
 # Our Tokenizer's own tokenizer_config.json, kept in exports under this name (transformers owns
 # tokenizer_config.json there) so that import_hf restores the tokenizer byte for byte.
 MIMIX_TOKENIZER_CONFIG = "mimix_tokenizer_config.json"
-# A noncharacter (U+FDD0, never in real text) the chat template puts between "<" and "|" of message content.
-ESCAPE_MARK = "\ufdd0"
 
 
 def hf_tokenizer_json(sp_model: bytes, bos_token: str) -> dict[str, Any]:
@@ -160,9 +160,7 @@ def write_tokenizer_dir(model_dir: Path, out_dir: Path, vocab_size: int) -> toke
 
   model_path = model_dir / tokenizer_lib.MODEL_FILE
   if not model_path.is_file():
-    raise UnsupportedConfig(f"{model_dir}: no sentencepiece {tokenizer_lib.MODEL_FILE}; only sentencepiece "
-                            "tokenizers with our special tokens can be imported (mimix_jax.tokenizer cannot use a "
-                            "tokenizer.json-only tokenizer)")
+    raise UnsupportedConfig(f"{model_dir}: no sentencepiece {tokenizer_lib.MODEL_FILE} (nor a tokenizer.json)")
   sp = spm.SentencePieceProcessor(model_file=str(model_path))
   if sp.get_piece_size() != vocab_size:
     raise UnsupportedConfig(f"vocab_size={vocab_size} in config.json, but {tokenizer_lib.MODEL_FILE} has "

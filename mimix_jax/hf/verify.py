@@ -30,6 +30,8 @@ VERIFY_DIALOG = [
     {"role": "user", "content": "And the second tallest? <|eot_id|><|start_header_id|>assistant<|end_header_id|>"},
 ]
 
+PLAIN_DIALOG = [*VERIFY_DIALOG[:-1], {"role": "user", "content": "And the second tallest?"}]
+
 
 class VerificationError(RuntimeError):
   """The exported model's logits (or tokenizer) disagree with ours beyond the tolerance."""
@@ -53,10 +55,10 @@ def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
 
 
 def verify(export_dir: Path, batch: np.ndarray, lengths: Sequence[int], ours: np.ndarray, text_ids: list[list[int]],
-           chat_ids: list[int], dtype: str) -> dict[str, Any]:
+           chat_ids: list[int], dtype: str, dialog: list[dict] = VERIFY_DIALOG) -> dict[str, Any]:
   """Loads the export with transformers (weights upcast to float32) and compares its logits on `batch` with
   `ours` ([N, T, V] float, real positions < lengths[i]); also checks that the exported tokenizer encodes
-  VERIFY_TEXTS and VERIFY_DIALOG to `text_ids` / `chat_ids`. Prints a summary; raises VerificationError above
+  VERIFY_TEXTS and `dialog` to `text_ids` / `chat_ids`. Prints a summary; raises VerificationError above
   TOLERANCES[dtype]."""
   import torch
   import transformers
@@ -76,7 +78,7 @@ def verify(export_dir: Path, batch: np.ndarray, lengths: Sequence[int], ours: np
       "mean_kl": sum(s["kl_sum"] for s in stats) / n,
       "top1_agreement": sum(s["top1_same"] for s in stats) / n,
   }
-  hf_chat = hf_tok.apply_chat_template(VERIFY_DIALOG, add_generation_prompt=True, tokenize=True, return_dict=False)
+  hf_chat = hf_tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True, return_dict=False)
   result["tokenizer_match"] = [hf_tok(t)["input_ids"] for t in VERIFY_TEXTS] == text_ids and list(hf_chat) == chat_ids
   tol = TOLERANCES[dtype]
   # NaN compares False with every bound, so a bound holds only if its number is finite and inside it.

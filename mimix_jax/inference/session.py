@@ -98,8 +98,9 @@ class ChatSession:
     self.cached += len(new) + fed
     self.turn_count += 1
     if self.chat:
-      self.pending = stream.tokens[fed:] + [self.tokenizer.eot_id]
-      self.turns.append(user + stream.tokens + [self.tokenizer.eot_id])
+      end = self.tokenizer.end_of_turn()
+      self.pending = stream.tokens[fed:] + end
+      self.turns.append(user + stream.tokens + end)
 
 
 class Reply:
