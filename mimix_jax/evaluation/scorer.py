@@ -118,7 +118,7 @@ def _forward(cfg, params, inputs, segment_ids, ends, targets, mask):
   h, _ = transformer.from_params(cfg, params).hidden(inputs, None, segment_ids)  # [B, T, d]
   c = targets.shape[1]
   positions = jnp.clip(ends[:, None] - c + jnp.arange(c), 0, inputs.shape[1] - 1)  # [B, C]
-  logits = transformer.logits(params["embed"], jnp.take_along_axis(h, positions[..., None], axis=1),
+  logits = transformer.logits(transformer.output_head(cfg, params), jnp.take_along_axis(h, positions[..., None], axis=1),
                               cfg.vocab_size)  # [B, C, V] float32
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
   ll = jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)  # where, not *: padding rows may hold inf

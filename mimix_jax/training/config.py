@@ -9,7 +9,6 @@ misspelt field fails loudly instead of being silently added.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +20,17 @@ from mimix_jax.training import objectives
 
 
 def model_fields(model: ModelConfig) -> ml_collections.ConfigDict:
-  """A preset's fields for `c.model`, all but max_len: the stage's `max_len` sets the model's."""
-  fields = dataclasses.asdict(model)
+  """A preset's fields for `c.model`, all but max_len: the stage's `max_len` sets the model's.
+
+  head_dim and max_position_embeddings stay 0 (derived) where the preset derives them, so an override of
+  d_model / n_heads or of the stage's max_len carries through.
+  """
+  fields = model.to_dict()
   del fields["max_len"]
+  if model.head_dim * model.n_heads == model.d_model:
+    fields["head_dim"] = 0
+  if model.max_position_embeddings == model.max_len:
+    fields["max_position_embeddings"] = 0
   return ml_collections.ConfigDict(fields)
 
 
