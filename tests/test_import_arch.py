@@ -214,7 +214,7 @@ def test_open_model_presets_and_defaults():
   assert preset("llama3_2_1b").param_count() == 1_235_814_400
   large = preset("large")
   assert large.param_count() == 353_502_208 and large.tie_embeddings and large.rope_scaling is None
-  assert large.head_dim == 128 and large.max_position_embeddings == large.max_len
+  assert large.head_dim == 128 and large.max_positions == large.max_len and large.max_position_embeddings == 0
   untied = ModelConfig(tie_embeddings=False)
   assert untied.param_count() - large.param_count() == large.vocab_size * large.d_model
   assert untied.flops_per_token(1024) == large.flops_per_token(1024)  # the lookup is no matmul; the head is one

@@ -31,7 +31,7 @@ def hf_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: st
       "num_key_value_heads": cfg.n_kv_heads,
       "head_dim": cfg.head_dim,
       "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_position_embeddings,
+      "max_position_embeddings": cfg.max_positions,
       "initializer_range": cfg.init_std,
       "rms_norm_eps": cfg.norm_eps,
       "tie_word_embeddings": cfg.tie_embeddings,

@@ -105,11 +105,15 @@ class ParamFiller:
     self.params: dict = {"layers": {}}
     self.filled: set[str] = set()
     self.pending_head: np.ndarray | None = None  # a tied lm_head.weight seen before the embedding
-    self.slots = {HF_EMBED: ("embed", None), HF_FINAL_NORM: ("final_norm", None)}
+    self.slots = {HF_EMBED: ("embed", None), HF_FINAL_NORM: ("final_norm", None)}  # HF name -> (ours, layer)
     if not cfg.tie_embeddings:
       self.slots[HF_LM_HEAD] = ("lm_head", None)
     for name, template in HF_LAYER_NAMES.items():
       self.slots.update({template.format(i=i): (name, i) for i in range(cfg.n_layers)})
+    self.torch_shapes = {"embed": (cfg.vocab_size, cfg.d_model), "lm_head": (cfg.vocab_size, cfg.d_model),
+                         "final_norm": (cfg.d_model,)}
+    for name, (shape, _) in cfg.layer_params().items():
+      self.torch_shapes[name] = layer_to_torch(name, np.broadcast_to(np.float32(0), shape)).shape
 
   def add(self, key: str, w: np.ndarray) -> None:
     if key.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; recomputed from the config
@@ -121,7 +125,7 @@ class ParamFiller:
     if key in self.filled:
       raise UnsupportedConfig(f"tensor {key!r} appears twice in the checkpoint")
     name, layer = self.slots[key]
-    expected = self._torch_shape(name)
+    expected = self.torch_shapes[name]
     if w.shape != expected:
       raise UnsupportedConfig(f"{key}: shape {w.shape}, but config.json implies {expected}")
     slot = self._slot(name, layer, w.dtype)
@@ -141,24 +145,18 @@ class ParamFiller:
       self._tied_head(self.pending_head)
     return self.params
 
-  def _torch_shape(self, name: str) -> tuple[int, ...]:
-    cfg = self.cfg
-    if name in ("embed", "lm_head"):
-      return (cfg.vocab_size, cfg.d_model)
-    if name == "final_norm":
-      return (cfg.d_model,)
-    return layer_to_torch(name, np.broadcast_to(np.float32(0), cfg.layer_params()[name][0])).shape
-
   def _slot(self, name: str, layer: int | None, dtype) -> np.ndarray:
     """The array of `name` (allocated on first use), or layer `layer` of it, without the padded rows."""
-    cfg, dtype = self.cfg, self.dtype or dtype
-    if name in ("embed", "lm_head"):
-      table = self.params.setdefault(name, np.zeros((cfg.padded_vocab_size, cfg.d_model), dtype))
-      return table[: cfg.vocab_size]
-    if name == "final_norm":
-      return self.params.setdefault(name, np.empty((cfg.d_model,), dtype))
-    shape = (cfg.n_layers, *cfg.layer_params()[name][0])
-    return self.params["layers"].setdefault(name, np.empty(shape, dtype))[layer]
+    cfg, home = self.cfg, self.params if layer is None else self.params["layers"]
+    if name not in home:
+      if layer is not None:
+        shape = (cfg.n_layers, *cfg.layer_params()[name][0])
+      else:  # the embedding and lm_head get their padded rows
+        shape = (cfg.d_model,) if name == "final_norm" else (cfg.padded_vocab_size, cfg.d_model)
+      home[name] = np.zeros(shape, self.dtype or dtype)  # zeros: the padded vocabulary rows stay 0
+    if layer is not None:
+      return home[name][layer]
+    return home[name] if name == "final_norm" else home[name][: cfg.vocab_size]
 
   def _tied_head(self, head: np.ndarray) -> None:
     if HF_EMBED not in self.filled:

@@ -64,19 +64,23 @@ class ModelConfig:
         raise ValueError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads} "
                          "(or give model.head_dim)")
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-    object.__setattr__(self, "max_position_embeddings", self.max_position_embeddings or self.max_len)
     object.__setattr__(self, "rope_scaling", RopeScaling.from_value(self.rope_scaling))
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads {self.n_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim {self.head_dim} must be even for rotate-half RoPE")
-    if self.max_len > self.max_position_embeddings:
+    if self.max_len > self.max_positions:
       raise ValueError(f"model max_len {self.max_len} exceeds model.max_position_embeddings "
-                       f"{self.max_position_embeddings}: use a shorter max_len or raise max_position_embeddings")
+                       f"{self.max_positions}: use a shorter max_len or raise max_position_embeddings")
     if self.attention not in ATTENTION_KERNELS:
       raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+
+  @property
+  def max_positions(self) -> int:
+    """max_position_embeddings, or max_len where that is unset (0)."""
+    return self.max_position_embeddings or self.max_len
 
   @property
   def padded_vocab_size(self) -> int:

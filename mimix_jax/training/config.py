@@ -22,15 +22,12 @@ from mimix_jax.training import objectives
 def model_fields(model: ModelConfig) -> ml_collections.ConfigDict:
   """A preset's fields for `c.model`, all but max_len: the stage's `max_len` sets the model's.
 
-  head_dim and max_position_embeddings stay 0 (derived) where the preset derives them, so an override of
-  d_model / n_heads or of the stage's max_len carries through.
+  head_dim stays 0 (derived) where it is d_model / n_heads, so an override of d_model or n_heads carries through.
   """
   fields = model.to_dict()
   del fields["max_len"]
   if model.head_dim * model.n_heads == model.d_model:
     fields["head_dim"] = 0
-  if model.max_position_embeddings == model.max_len:
-    fields["max_position_embeddings"] = 0
   return ml_collections.ConfigDict(fields)
 
 
