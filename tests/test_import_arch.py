@@ -222,3 +222,33 @@ def test_open_model_presets_and_defaults():
     ModelConfig(max_len=4096, max_position_embeddings=2048)
   with pytest.raises(ValueError, match="rope_scaling.type 'yarn'"):
     ModelConfig(rope_scaling={"type": "yarn", "factor": 2.0})
+
+
+def test_untied_scaled_model_trains_the_same_on_one_device_and_a_2x2x2_mesh():
+  """The fused loss reaches lm_head (not the embedding) and its sharding rules hold it like the embedding."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in conftest.py)")
+  from mimix_jax.model import sharding
+  from mimix_jax.training.losses import lm_loss
+  cfg = ModelConfig(vocab_size=128, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, max_len=16,
+                    head_dim=16, tie_embeddings=False, rope_base=1e4, scan_layers=False,
+                    rope_scaling=dict(type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8))
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((8, 16), np.int32),
+               segment_ids=np.ones((8, 16), np.int32), positions=np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)))
+
+  def grads(params, batch):
+    return jax.grad(lambda p: lm_loss(model_lib.from_params(cfg, p), batch, chunk=8)[0])(params)
+
+  params = model_lib.init_params(cfg, seed=3)
+  expected = grads(params, batch)
+  assert float(jnp.abs(expected["lm_head"]).sum()) > 0
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  shardings = model_lib.param_shardings(cfg, mesh)
+  assert shardings["lm_head"].spec == shardings["embed"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  with sharding.activate(mesh):
+    got = jax.jit(grads)(jax.device_put(params, shardings),
+                         jax.device_put(batch, sharding.batch_sharding(mesh)))
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

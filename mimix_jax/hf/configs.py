@@ -131,11 +131,10 @@ def _params(scaling: dict[str, Any]) -> dict[str, Any]:
   return {name: scaling[name] for name in ("factor", *SCALING_FIELDS.get(scaling.get("type"), ())) if name in scaling}
 
 
-def _require(hf: dict[str, Any], field: str, want: Any, default: Any, also: tuple = (), why: str = "") -> None:
+def _require(hf: dict[str, Any], field: str, want: Any, default: Any, also: tuple = ()) -> None:
   value = hf.get(field, default)
   if value != want and value not in also:
-    reason = f" ({why})" if why else ""
-    raise UnsupportedConfig(f"{field}={value!r} is not supported: need {want!r}{reason}")
+    raise UnsupportedConfig(f"{field}={value!r} is not supported: need {want!r}")
 
 
 def mimixlm_config(cfg: ModelConfig, tokenizer_config: dict[str, Any], generation: dict[str, Any], dtype: str,

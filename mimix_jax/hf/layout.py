@@ -141,9 +141,7 @@ class ParamFiller:
     if missing:
       why = " (config.json says tie_word_embeddings: false)" if missing[0] == HF_LM_HEAD else ""
       raise UnsupportedConfig(f"tensor {missing[0]!r} is missing from the checkpoint{why}")
-    if self.pending_head is not None:
-      self._tied_head(self.pending_head)
-    return self.params
+    return self.params  # a pending tied head was checked when the embedding came
 
   def _slot(self, name: str, layer: int | None, dtype) -> np.ndarray:
     """The array of `name` (allocated on first use), or layer `layer` of it, without the padded rows."""

@@ -115,7 +115,7 @@ class ModelConfig:
   def flops_per_token(self, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward), PaLM convention (Chowdhery et al. 2022, App. B).
 
-    6 x (every matmul weight, the tied output projection included, the embedding lookup excluded)
+    6 x (every matmul weight, the output projection included, tied or not; the embedding lookup excluded)
     + 12 x n_layers x seq_len x (n_heads x head_dim) for attention scores and values, with the causal
     mask NOT halving it. This is the convention MaxText and nanoGPT use for MFU.
     """
