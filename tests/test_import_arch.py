@@ -230,7 +230,7 @@ def test_untied_scaled_model_trains_the_same_on_one_device_and_a_2x2x2_mesh():
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in conftest.py)")
   from mimix_jax.model import sharding
   from mimix_jax.training.losses import lm_loss
-  cfg = ModelConfig(vocab_size=128, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, max_len=16,
+  cfg = ModelConfig(vocab_size=128, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, max_len=16,
                     head_dim=16, tie_embeddings=False, rope_base=1e4, scan_layers=False,
                     rope_scaling=dict(type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                       original_max_position_embeddings=8))
@@ -252,3 +252,13 @@ def test_untied_scaled_model_trains_the_same_on_one_device_and_a_2x2x2_mesh():
                          jax.device_put(batch, sharding.batch_sharding(mesh)))
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_init_from_an_imported_run_with_another_architecture_is_refused_in_one_line(runs, tmp_path):
+  """configs/tiny.py's model is tied and unscaled: it cannot start from the untied llama3 run."""
+  out = subprocess.run([sys.executable, "-m", "mimix_jax.train", "--config", "configs/tiny.py:sft", "--workdir",
+                        str(tmp_path / "w"), f"--config.init_from={runs['llama3_head_dim']}", "--config.tokenizer_path="],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  err = out.stderr.strip().splitlines()
+  assert out.returncode == 2 and len(err) == 1 and "configs/finetune.py:STAGE:" in err[0], out.stderr[-1000:]
+  assert not (tmp_path / "w").exists()

@@ -283,7 +283,8 @@ def _check_same_architecture(model_cfg: ModelConfig, source: ModelConfig, init_f
     ours, theirs = getattr(model_cfg, field), getattr(source, field)
     if ours != theirs:
       raise ValueError(f"init_from {init_from} has model.{field}={theirs}, this config has {ours} "
-                       f"(set --config.model.{field}={theirs})")
+                       f"(set --config.model.{field}, or use --config configs/finetune.py:STAGE:{init_from}, "
+                       "which takes the model from the run)")
 
 
 def _check_data(cfg, objective: objectives.Objective, manifest: dict, tok: Tokenizer, field: str) -> None:
