@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from conftest import SFT_DIR, run_preprocess
+from conftest import DPO_FILE, SFT_DIR, run_preprocess
 from mimix_jax import export as export_lib, generate as generate_lib, import_hf as import_lib
 from mimix_jax.hf import configs as hf_configs, files as hf_files, layout
 from mimix_jax.model import rope, transformer as model_lib
@@ -171,6 +171,35 @@ def _bf16_copy(model, out: Path) -> Path:
   return out
 
 
+def _finetune(stage: str, source: Path, shards: Path, workdir: Path) -> Path:
+  """Three CPU-sized steps of configs/finetune.py:STAGE:SOURCE in a subprocess; returns the run dir."""
+  cmd = [sys.executable, "-m", "mimix_jax.train", "--config", f"configs/finetune.py:{stage}:{source}", "--workdir",
+         str(workdir), f"--config.data.train_path={shards}", "--config.max_len=64", "--config.batch_size=8",
+         "--config.grad_accum_steps=1", "--config.total_steps=3", "--config.model.dtype=float32",
+         "--config.model.remat=none", "--config.loss_chunk=0", "--config.optimizer.lr=1e-3",
+         "--config.optimizer.warmup_steps=1", "--config.log_every=1", "--config.save_every_steps=3"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  return workdir
+
+
+@pytest.mark.slow
+def test_dpo_from_the_imported_untied_run_then_chat_mode_generation(runs, tok, tmp_path, capsys):
+  """DPO (the reference log-probs through lm_head too) from the import, then greedy chat-mode generation."""
+  run = runs["llama3_head_dim"]
+  shards = tmp_path / "dpo"
+  assert run_preprocess(run / "tokenizer", shards, "dpo", [DPO_FILE], 64) == 0
+  dpo = _finetune("dpo", run, shards, tmp_path / "dpo_run")
+  metrics = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(m["rewards/margins"]) for m in metrics)
+  assert run_dir_lib.read_run_info(dpo).generation["mode"] == "chat"
+  assert generate_lib.main(["--checkpoint", str(dpo), "--prompt", "Hello", "--greedy", "--max_new_tokens", "8",
+                            "--json"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt_tokens"] > 2
+
+
 def test_finetune_the_imported_run_then_export_loads_in_transformers(hf_dirs, runs, tok, tmp_path):
   """SFT steps from the untied llama3 run via configs/finetune.py (architecture from its model.json), on data
   preprocessed with the run's tokenizer; the export holds lm_head.weight and the rope fields, and transformers
@@ -178,16 +207,7 @@ def test_finetune_the_imported_run_then_export_loads_in_transformers(hf_dirs, ru
   run = runs["llama3_head_dim"]
   shards = tmp_path / "sft"
   assert run_preprocess(run / "tokenizer", shards, "sft", [SFT_DIR / "chatterbot_en.jsonl.gz"], 64) == 0
-  sft = tmp_path / "sft_run"
-  cmd = [sys.executable, "-m", "mimix_jax.train", "--config", f"configs/finetune.py:sft:{run}", "--workdir", str(sft),
-         f"--config.data.train_path={shards}", "--config.max_len=64", "--config.batch_size=8",
-         "--config.grad_accum_steps=1", "--config.total_steps=3", "--config.model.dtype=float32",
-         "--config.model.remat=none", "--config.loss_chunk=0", "--config.optimizer.lr=1e-3",
-         "--config.optimizer.warmup_steps=1", "--config.log_every=1", "--config.save_every_steps=3"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  losses = [json.loads(line)["loss"] for line in (sft / "metrics.jsonl").read_text().splitlines()]
-  assert len(losses) == 3 and all(np.isfinite(losses))
+  sft = _finetune("sft", run, shards, tmp_path / "sft_run")
   before, after = checkpoints.load_params(run), checkpoints.load_params(sft)
   assert not np.array_equal(before["lm_head"], after["lm_head"])
 
