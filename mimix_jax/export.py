@@ -4,7 +4,7 @@
         [--format hf|mimixlm] [--verify/--no-verify] [--max_shard_size 5GB] [--overwrite]
 
 OUTPUT/
-  config.json                 LlamaForCausalLM, tied embeddings; field names for transformers 4.x and 5.x
+  config.json                 LlamaForCausalLM (lm_head.weight when untied, the rope fields); names for 4.x and 5.x
   generation_config.json      stops on eos and eot; the run's sampling defaults
   model.safetensors           or model-0000k-of-0000n.safetensors + model.safetensors.index.json above the limit
   tokenizer.json              the sentencepiece BPE as a `tokenizers` BPE (same ids), specials as added tokens

@@ -1,13 +1,15 @@
 """Import a local Hugging Face Llama-architecture checkpoint as a run directory.
 
-    python -m mimix_jax.import_hf --model HF_DIR --output RUN_DIR [--format hf|mimixlm] [--overwrite]
+    python -m mimix_jax.import_hf --model HF_DIR --output RUN_DIR [--format hf|mimixlm]
+        [--dtype keep|float32|bfloat16] [--max_len N] [--overwrite]
 
-HF_DIR needs config.json (LlamaForCausalLM with tied embeddings, unscaled RoPE, no biases: anything else is
-rejected with a message naming the field), safetensors weights (model.safetensors, or shards listed in
-model.safetensors.index.json; any float dtype) and a tokenizer, picked by the files present (TOKENIZERS): a
-sentencepiece `tokenizer.model` holding our special tokens (<|begin_of_text|> ... <|pad_id|>), as our exports
-have, else the model's `tokenizer.json` (with its tokenizer_config.json's Jinja chat template, special tokens and
-generation_config.json's stop ids: hf/bpe.py).
+HF_DIR needs config.json (LlamaForCausalLM: tied or untied head, any rope_theta, rope_scaling none / linear /
+llama3, any head_dim; no biases, sliding windows, experts or other rope types: those are rejected with a message
+naming the field), safetensors weights (model.safetensors, or shards listed in model.safetensors.index.json; any
+float dtype, read one shard and one tensor at a time, so host memory holds one tensor beyond the result) and a
+tokenizer, picked by the files present (TOKENIZERS): a sentencepiece `tokenizer.model` holding our special
+tokens (<|begin_of_text|> ... <|pad_id|>), as our exports have, else the model's `tokenizer.json` (with its
+tokenizer_config.json's Jinja chat template, special tokens and generation_config.json's stop ids: hf/bpe.py).
 
 With --format mimixlm, HF_DIR is the original MimixLM's model folder instead: model_config.json, model_weights*
 (torch state dicts) and its tokenizer.model, a BPE rank file (or our sentencepiece model, in our own
@@ -20,6 +22,7 @@ and evaluate use it directly. The run directory appears only once it is complete
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from mimix_jax import io_utils
@@ -36,18 +40,36 @@ from mimix_jax.hf.tokenizer import MIMIX_TOKENIZER_CONFIG, write_tokenizer_dir
 from mimix_jax.text import tokenizer as tokenizer_lib
 from mimix_jax.training import checkpoints, run_dir
 
+WEIGHT_DTYPES = {"keep": None, "float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# The default context of an imported run: chat and generate size their KV cache by it, and a 128k-position
+# checkpoint (Llama 3.2) would need GiBs of cache for every conversation. --max_len chooses another.
+DEFAULT_MAX_LEN = 8192
 
-def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-  """Converts HF_DIR into RUN_DIR (see the module docstring); returns a summary."""
+
+def import_hf(model_dir: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
+              dtype: str = "float32", max_len: int = 0) -> dict[str, Any]:
+  """Converts HF_DIR into RUN_DIR (see the module docstring); returns a summary.
+
+  dtype: "keep" (the checkpoint's), "float32" or "bfloat16" for the stored params; max_len: the run's context
+  (0: the checkpoint's max_position_embeddings, at most DEFAULT_MAX_LEN).
+  """
+  if dtype not in WEIGHT_DTYPES:
+    raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(WEIGHT_DTYPES)}")
   model_dir = Path(model_dir)
   config_path = model_dir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
   cfg = configs.model_config_from_hf(json.loads(config_path.read_text()))
+  context = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+  if not 0 < context <= cfg.max_position_embeddings:
+    raise ValueError(f"--max_len {max_len}: must be in [1, {cfg.max_position_embeddings}] (max_position_embeddings)")
+  cfg = dataclasses.replace(cfg, max_len=context)
   _check_hashes(model_dir)
-  tensors = files.read_safetensors(model_dir)
-  _check_tied(tensors)
-  params = layout.from_hf_state_dict(tensors, cfg)
+  filler = layout.ParamFiller(cfg, WEIGHT_DTYPES[dtype])
+  for name, tensor in files.iter_safetensors(model_dir):
+    filler.add(name, tensor)
+    del tensor  # only the result stays
+  params = filler.result()
   with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
     tok = _tokenizer_writer(model_dir)(model_dir, tmp / "tokenizer", cfg.vocab_size)
     run_dir.write_run_info(tmp, cfg, tmp / "tokenizer", generation_defaults(model_dir, tok))  # the tokenizer stays
@@ -83,12 +105,20 @@ def _tokenizer_writer(model_dir: Path):
   raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer.model (the model's tokenizer is needed)")
 
 
-def import_mimixlm(folder: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-  """Converts the original's model folder into RUN_DIR; returns a summary."""
+def import_mimixlm(folder: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
+                   dtype: str = "float32", max_len: int = 0) -> dict[str, Any]:
+  """Converts the original's model folder into RUN_DIR; returns a summary. dtype as import_hf's; max_len 0 keeps
+  the folder's."""
   folder = Path(folder)
   config = mimixlm.read_config(folder)
   cfg = mimixlm.model_config(config)
-  params = layout.from_hf_state_dict(mimixlm.read_weights(folder), cfg)
+  if not 0 <= max_len <= cfg.max_len:
+    raise ValueError(f"--max_len {max_len}: must be in [1, {cfg.max_len}] (the folder's max_len)")
+  cfg = dataclasses.replace(cfg, max_len=max_len or cfg.max_len)
+  filler = layout.ParamFiller(cfg, WEIGHT_DTYPES[dtype])
+  for name, tensor in mimixlm.read_weights(folder).items():
+    filler.add(name, tensor)
+  params = filler.result()
   original_tok = config["tokenizer_config"]
   with io_utils.atomic_output_dir(output, overwrite=overwrite) as tmp:
     if original_tok.get("tokenizer") == "sentencepiece-bpe":  # our own --format mimixlm export
@@ -115,14 +145,6 @@ def _check_hashes(model_dir: Path) -> None:
     if io_utils.sha256_file(model_dir / name) != digest:
       raise ValueError(f"{model_dir / name}: does not match the sha256 in export.json (truncated or altered "
                        "copy): export again or copy it again")
-
-
-def _check_tied(tensors: dict[str, np.ndarray]) -> None:
-  """A tied checkpoint may still store lm_head.weight; it must then be the embedding."""
-  head = tensors.get(layout.HF_LM_HEAD)
-  if head is not None and not np.array_equal(head, tensors.get(layout.HF_EMBED)):
-    raise UnsupportedConfig(f"{layout.HF_LM_HEAD} differs from {layout.HF_EMBED}: an untied output "
-                            "head is not supported (tie_word_embeddings)")
 
 
 def generation_defaults(model_dir: Path, tok: tokenizer_lib.Tokenizer) -> dict[str, Any]:
@@ -152,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--format", default="hf", choices=list(IMPORTERS),
                  help="hf: a Hugging Face model directory; mimixlm: the original MimixLM's model folder")
   p.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
+  p.add_argument("--dtype", default="float32", choices=list(WEIGHT_DTYPES),
+                 help="the stored weights: the checkpoint's own dtype (keep) or cast (float32: what training keeps)")
+  p.add_argument("--max_len", type=int, default=0,
+                 help=f"the run's context (KV cache, RoPE table); default max_position_embeddings, at most "
+                      f"{DEFAULT_MAX_LEN}")
   args = p.parse_args(argv)
   try:
-    summary = IMPORTERS[args.format](args.model, args.output, args.overwrite)
+    summary = IMPORTERS[args.format](args.model, args.output, args.overwrite, args.dtype, args.max_len)
   except (UnsupportedConfig, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
     print(f"import_hf: error: {e}", file=sys.stderr)
     return 2

@@ -68,7 +68,7 @@ def make_nll_fn(cfg: ModelConfig, mesh):
   """jit(params, batch) -> (sum of masked target NLL in float32, number of targets), replicated."""
   def fn(params, batch):
     h, _ = transformer.from_params(cfg, params).hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
-    nll, _ = token_nll(h, params["embed"], batch["targets"], cfg.vocab_size)
+    nll, _ = token_nll(h, transformer.output_head(cfg, params), batch["targets"], cfg.vocab_size)
     return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
   return jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 

@@ -192,6 +192,7 @@ def _arrays(packed: list[_Packed], rows, b: int, t: int, n: int):
 def _forward(cfg, params, tokens, positions, doc, branch, gather, targets):
   """-> (log p(target) float32 [N], target is the argmax bool [N]) at the gathered slots."""
   h, _ = transformer.from_params(cfg, params).hidden(tokens, positions, doc, mask=attention.tree_mask(doc, branch))
-  logits = transformer.logits(params["embed"], h.reshape(-1, h.shape[-1])[gather], cfg.vocab_size)  # [N, V] f32
+  logits = transformer.logits(transformer.output_head(cfg, params), h.reshape(-1, h.shape[-1])[gather],
+                              cfg.vocab_size)  # [N, V] float32
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
   return logp, jnp.argmax(logits, axis=-1) == targets

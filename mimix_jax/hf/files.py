@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -53,24 +53,26 @@ def write_safetensors(out_dir: Path, tensors: dict[str, np.ndarray], dtype: str,
   return files
 
 
-def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
-  """All tensors of model.safetensors or of the shards its index lists, as NumPy arrays (bf16 via ml_dtypes)."""
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+  """(name, tensor) of model.safetensors or of the shards its index lists, one tensor read at a time from one
+  open shard at a time, as NumPy arrays (bf16 via ml_dtypes): the caller converts and drops each, so a large
+  checkpoint never sits in host memory whole."""
   from safetensors import safe_open
 
   index = model_dir / SAFETENSORS_INDEX
   if index.is_file():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
   elif (model_dir / "model.safetensors").is_file():
-    files = ["model.safetensors"]
+    names = ["model.safetensors"]
   else:
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or {SAFETENSORS_INDEX} (only safetensors weights "
                             "are read)")
-  tensors = {}
-  for name in files:
+  for name in names:
+    if not (model_dir / name).is_file():
+      raise FileNotFoundError(f"{model_dir / name}: missing ({SAFETENSORS_INDEX} lists it)")
     with safe_open(model_dir / name, framework="numpy") as f:
       for key in f.keys():
-        tensors[key] = f.get_tensor(key)
-  return tensors
+        yield key, f.get_tensor(key)
 
 
 def write_hf_config(out_dir: Path, cfg: ModelConfig, tok: Tokenizer, generation: dict[str, Any],

@@ -4,10 +4,12 @@ Our params are a pure dict with the layers stacked: embed [V_padded, d], layers:
 wq [L, d, H, D], wk / wv [L, d, K, D], wo [L, H, D, d], mlp_norm [L, d], w_gate / w_up [L, d, F],
 w_down [L, F, d]}, final_norm [d]. Both PyTorch layouts store one tensor per layer with Linear weights as
 [out, in] (y = x @ W.T) and the heads flattened head-major (feature = head * D + j). Both use rotate-half RoPE,
-like our model, so q / k need no permutation. The output projection is tied to the embedding, and the padded
-vocabulary rows (>= vocab_size) exist only here: they are stripped on export and zero-filled on import.
+like our model, so q / k need no permutation. The output projection is the embedding or, untied, lm_head
+[V_padded, d] (HF lm_head.weight [V, d]); the padded vocabulary rows (>= vocab_size) exist only here: they are
+stripped on export and zero-filled on import.
 
-Everything here is NumPy (float32 in, float32 out); dtype casts happen when files are written.
+Everything here is NumPy: export gives float32 (dtype casts happen when files are written); import fills the
+params in the checkpoint's dtype or the one asked for.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def layer_to_torch(name: str, w: np.ndarray) -> np.ndarray:
 def to_torch_state_dict(params: dict, cfg: ModelConfig, fmt: str = "hf") -> dict[str, np.ndarray]:
   """Our params (NumPy) -> {name: float32 array} in the "hf" or "mimixlm" naming, padded vocab rows stripped.
 
+  An untied head becomes lm_head.weight (hf only: the original's model is always tied, hf/configs.py checks).
   The MimixLM dict follows the original's state_dict() order, RoPE buffer included.
   """
   layer_names = HF_LAYER_NAMES if fmt == "hf" else MIMIXLM_LAYER_NAMES
@@ -79,30 +82,89 @@ def to_torch_state_dict(params: dict, cfg: ModelConfig, fmt: str = "hf") -> dict
       out[template.format(i=i)] = _f32(layer_to_torch(name, np.asarray(layers[name][i])))
   if fmt == "hf":
     out[HF_FINAL_NORM] = _f32(params["final_norm"])
+    if not cfg.tie_embeddings:
+      out[HF_LM_HEAD] = _f32(params["lm_head"][: cfg.vocab_size])
   else:
     out[MIMIXLM_ROPE] = mimixlm_rope_buffer(cfg.max_len, cfg.head_dim, cfg.rope_base)
     out[MIMIXLM_FINAL_NORM] = _f32(params["final_norm"])
   return out
 
 
-def from_hf_state_dict(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-  """HF Llama tensors (tied) -> our params pure dict (float32), embedding zero-padded to cfg.padded_vocab_size."""
-  tensors = dict(tensors)
-  tensors.pop(HF_LM_HEAD, None)  # tied: the caller has checked it equals the embedding (or is absent)
-  embed = _take(tensors, HF_EMBED)
-  if embed.shape != (cfg.vocab_size, cfg.d_model):
-    raise UnsupportedConfig(f"{HF_EMBED}: shape {embed.shape}, but config.json implies {(cfg.vocab_size, cfg.d_model)}")
-  padded = np.zeros((cfg.padded_vocab_size, cfg.d_model), np.float32)
-  padded[: cfg.vocab_size] = embed
-  layers = {
-      name: np.stack([_take_layer(tensors, name, t.format(i=i), cfg) for i in range(cfg.n_layers)])
-      for name, t in HF_LAYER_NAMES.items()
-  }
-  final_norm = _take(tensors, HF_FINAL_NORM)
-  if tensors:
-    raise UnsupportedConfig(f"unexpected tensors in the checkpoint (biases or another architecture?): "
-                            f"{sorted(tensors)[:5]}")
-  return {"embed": padded, "layers": layers, "final_norm": final_norm}
+class ParamFiller:
+  """Our params built from Hugging Face Llama tensors handed over one at a time, in any order.
+
+  Each tensor is shape-checked, converted from PyTorch [out, in] into its slot of the (preallocated on first
+  use) result and can be dropped at once, so a checkpoint streams shard by shard with no second copy: host
+  memory holds the result plus the tensor being converted. `dtype` None keeps each tensor's dtype, otherwise
+  casts (float32, ml_dtypes.bfloat16). The embedding (and an untied lm_head) is zero-padded to
+  cfg.padded_vocab_size. A tied checkpoint may still store lm_head.weight: it must equal the embedding.
+  """
+
+  def __init__(self, cfg: ModelConfig, dtype=None):
+    self.cfg, self.dtype = cfg, dtype
+    self.params: dict = {"layers": {}}
+    self.filled: set[str] = set()
+    self.pending_head: np.ndarray | None = None  # a tied lm_head.weight seen before the embedding
+    self.slots = {HF_EMBED: ("embed", None), HF_FINAL_NORM: ("final_norm", None)}  # HF name -> (ours, layer)
+    if not cfg.tie_embeddings:
+      self.slots[HF_LM_HEAD] = ("lm_head", None)
+    for name, template in HF_LAYER_NAMES.items():
+      self.slots.update({template.format(i=i): (name, i) for i in range(cfg.n_layers)})
+    self.torch_shapes = {"embed": (cfg.vocab_size, cfg.d_model), "lm_head": (cfg.vocab_size, cfg.d_model),
+                         "final_norm": (cfg.d_model,)}
+    for name, (shape, _) in cfg.layer_params().items():
+      self.torch_shapes[name] = layer_to_torch(name, np.broadcast_to(np.float32(0), shape)).shape
+
+  def add(self, key: str, w: np.ndarray) -> None:
+    if key.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved; recomputed from the config
+      return
+    if key == HF_LM_HEAD and self.cfg.tie_embeddings:
+      return self._tied_head(w)
+    if key not in self.slots:
+      raise UnsupportedConfig(f"unexpected tensor {key!r} in the checkpoint (biases or another architecture?)")
+    if key in self.filled:
+      raise UnsupportedConfig(f"tensor {key!r} appears twice in the checkpoint")
+    name, layer = self.slots[key]
+    expected = self.torch_shapes[name]
+    if w.shape != expected:
+      raise UnsupportedConfig(f"{key}: shape {w.shape}, but config.json implies {expected}")
+    slot = self._slot(name, layer, w.dtype)
+    if layer is not None:  # [out, in] -> our [in, ...]: into a [in, out] view of the (contiguous) slot
+      slot, w = slot.reshape(expected[::-1]), w.T
+    np.copyto(slot, w, casting="unsafe")
+    self.filled.add(key)
+    if key == HF_EMBED and self.pending_head is not None:
+      self._tied_head(self.pending_head)
+
+  def result(self) -> dict:
+    missing = sorted(set(self.slots) - self.filled)
+    if missing:
+      why = " (config.json says tie_word_embeddings: false)" if missing[0] == HF_LM_HEAD else ""
+      raise UnsupportedConfig(f"tensor {missing[0]!r} is missing from the checkpoint{why}")
+    return self.params  # a pending tied head was checked when the embedding came
+
+  def _slot(self, name: str, layer: int | None, dtype) -> np.ndarray:
+    """The array of `name` (allocated on first use), or layer `layer` of it, without the padded rows."""
+    cfg, home = self.cfg, self.params if layer is None else self.params["layers"]
+    if name not in home:
+      if layer is not None:
+        shape = (cfg.n_layers, *cfg.layer_params()[name][0])
+      else:  # the embedding and lm_head get their padded rows
+        shape = (cfg.d_model,) if name == "final_norm" else (cfg.padded_vocab_size, cfg.d_model)
+      home[name] = np.zeros(shape, self.dtype or dtype)  # zeros: the padded vocabulary rows stay 0
+    if layer is not None:
+      return home[name][layer]
+    return home[name] if name == "final_norm" else home[name][: cfg.vocab_size]
+
+  def _tied_head(self, head: np.ndarray) -> None:
+    if HF_EMBED not in self.filled:
+      self.pending_head = head
+      return
+    self.pending_head = None
+    embed = self.params["embed"][: self.cfg.vocab_size]
+    if head.shape != embed.shape or not np.array_equal(head.astype(embed.dtype), embed):
+      raise UnsupportedConfig(f"{HF_LM_HEAD} differs from {HF_EMBED} but config.json says tie_word_embeddings: "
+                              "true (an untied checkpoint needs tie_word_embeddings false)")
 
 
 def mimixlm_rope_buffer(max_len: int, head_dim: int, base: float) -> np.ndarray:
@@ -115,19 +177,3 @@ def mimixlm_rope_buffer(max_len: int, head_dim: int, base: float) -> np.ndarray:
 
 def _f32(x) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-
-
-def _take(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
-  if name not in tensors:
-    raise UnsupportedConfig(f"tensor {name!r} is missing from the checkpoint")
-  return np.asarray(tensors.pop(name), dtype=np.float32)
-
-
-def _take_layer(tensors: dict[str, np.ndarray], name: str, key: str, cfg: ModelConfig) -> np.ndarray:
-  """tensors[key], PyTorch [out, in] -> our layout for `name` (the inverse of layer_to_torch), shape-checked."""
-  shape = cfg.layer_params()[name][0]
-  expected = layer_to_torch(name, np.broadcast_to(np.float32(0), shape)).shape
-  w = _take(tensors, key)
-  if w.shape != expected:
-    raise UnsupportedConfig(f"{key}: shape {w.shape}, but config.json implies {expected}")
-  return w if w.ndim == 1 else w.T.reshape(shape)

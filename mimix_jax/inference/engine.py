@@ -77,12 +77,12 @@ class Generation:
 def _logits(cfg: ModelConfig, weights: dict[str, Any], h: jax.Array) -> jax.Array:
   """h [B, 1, d] -> float32 logits [B, V_padded] (padded entries -inf).
 
-  On XLA:CPU a batch-1 (matrix-vector) dot transposes the [V, d] embedding on every call (53 of the 85 ms of a
-  base-model step), so batch 1 reads the engine's [d, V] copy; at batch 8 the [V, d] layout is the faster one.
+  On XLA:CPU a batch-1 (matrix-vector) dot transposes the [V, d] output projection on every call (53 of the 85 ms
+  of a base-model step), so batch 1 reads the engine's [d, V] copy; at batch 8 the [V, d] layout is the faster one.
   """
   if h.shape[0] > 1:
-    return transformer.logits(weights["embed"], h, cfg.vocab_size)[:, 0]
-  logits = jnp.einsum("bd,dv->bv", h[:, 0], weights["embed_t"], preferred_element_type=jnp.float32)
+    return transformer.logits(transformer.output_head(cfg, weights), h, cfg.vocab_size)[:, 0]
+  logits = jnp.einsum("bd,dv->bv", h[:, 0], weights["head_t"], preferred_element_type=jnp.float32)
   return mask_padded_vocab(logits, cfg.vocab_size)
 
 
@@ -149,10 +149,11 @@ _finish_jit = jax.jit(_finish, static_argnums=0, donate_argnums=2)
 
 @functools.partial(jax.jit, static_argnums=1)
 def _decode_weights(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
-  """The decode layout: one weight dict per layer and the embedding [V, d] in the compute dtype, and its
-  transpose [d, V] (see _logits)."""
-  embed = params["embed"].astype(jnp.dtype(cfg.dtype))
-  return {"embed": embed, "embed_t": embed.T, "final_norm": params["final_norm"],
+  """The decode layout: one weight dict per layer, the embedding (and an untied lm_head) [V, d] in the compute
+  dtype, and the output projection's transpose [d, V] (see _logits)."""
+  dt = jnp.dtype(cfg.dtype)
+  tables = {name: params[name].astype(dt) for name in ("embed", "lm_head") if name in params}
+  return {**tables, "head_t": transformer.output_head(cfg, tables).T, "final_norm": params["final_norm"],
           "layers": transformer.split_layers(params["layers"], cfg)}
 
 

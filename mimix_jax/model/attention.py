@@ -19,9 +19,10 @@ from mimix_jax.model import rope
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked (padding) rows stay NaN-free
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, max_len: int, base: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, max_len: int, base: float,
+               scaling: rope.RopeScaling | None = None) -> jax.Array:
   """Rotate-half RoPE on x [B, T, N, D] at positions [B, T] int. Computed in float32, returned in x.dtype."""
-  sin, cos = rope.sin_cos(max_len, x.shape[-1], base)
+  sin, cos = rope.sin_cos(max_len, x.shape[-1], base, scaling)
   # Clip so padding positions (which may be -1) index a valid row; those tokens are masked anyway.
   pos = jnp.clip(positions, 0, max_len - 1)
   sin = jnp.asarray(sin)[pos][:, :, None, :]  # [B, T, 1, D/2]

@@ -1,7 +1,10 @@
 """Model hyper-parameters, the parameter table of a layer, and the presets of the original.
 
-The presets are the original MimixLM table plus `tiny`, which trains in seconds on a CPU. Parameter counts are
-exact at the default vocabulary (`param_count` is tested against the original's published numbers).
+The presets are the original MimixLM table plus `tiny`, which trains in seconds on a CPU, and two open
+Llama-architecture models to fine-tune (SmolLM2-360M, Llama-3.2-1B). Parameter counts are exact at the default
+vocabulary (`param_count` is tested against the original's published numbers). The Llama-family variants (an
+untied output head, RoPE theta and scaling, an explicit head dim, max_position_embeddings) default to the
+original's model: tied, unscaled, d_model / n_heads, the run's max_len.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
+
+from mimix_jax.model.rope import RopeScaling
 
 ATTENTION_KERNELS = ("xla", "fused", "cudnn")
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -22,8 +27,17 @@ class ModelConfig:
   n_heads: int = 8
   n_kv_heads: int = 4
   d_ff: int = 3072
-  max_len: int = 1024  # longest sequence (positions); the RoPE table is built for this length
-  rope_base: float = 500_000.0
+  max_len: int = 1024  # the context a run uses: training sequence length, decode context, RoPE table length
+  rope_base: float = 500_000.0  # RoPE theta
+  # None, or a RopeScaling (its dict in model.json): {"type": "linear", "factor"} or {"type": "llama3", "factor",
+  # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (model/rope.py).
+  rope_scaling: RopeScaling | None = None
+  head_dim: int = 0  # per-head width D; 0 = d_model / n_heads (Llama checkpoints may give another)
+  # The longest context the model is made for (Hugging Face's max_position_embeddings, exported as such); 0 =
+  # max_len. max_len may be shorter (the KV cache and RoPE table are sized by max_len), never longer.
+  max_position_embeddings: int = 0
+  # True: the output projection is the embedding [V, d]. False: its own `lm_head` [V, d] (Llama's untied head).
+  tie_embeddings: bool = True
   norm_eps: float = 1e-5
   init_std: float = 0.02
   # Embedding rows are padded to a multiple of this for fast matmuls; padded logits are masked to -inf.
@@ -44,20 +58,29 @@ class ModelConfig:
   scan_layers: bool = True
 
   def __post_init__(self):
-    if self.d_model % self.n_heads:
-      raise ValueError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads}")
+    # Derived values are stored resolved, so equal models compare (and hash, as jit's static arguments) equal.
+    if not self.head_dim:
+      if self.d_model % self.n_heads:
+        raise ValueError(f"model.d_model {self.d_model} is not divisible by model.n_heads {self.n_heads} "
+                         "(or give model.head_dim)")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    object.__setattr__(self, "rope_scaling", RopeScaling.from_value(self.rope_scaling))
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads {self.n_kv_heads}")
-    if (self.d_model // self.n_heads) % 2:
-      raise ValueError("model.d_model / model.n_heads (the head dim) must be even for rotate-half RoPE")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim {self.head_dim} must be even for rotate-half RoPE")
+    if self.max_len > self.max_positions:
+      raise ValueError(f"model max_len {self.max_len} exceeds model.max_position_embeddings "
+                       f"{self.max_positions}: use a shorter max_len or raise max_position_embeddings")
     if self.attention not in ATTENTION_KERNELS:
       raise ValueError(f"model.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def max_positions(self) -> int:
+    """max_position_embeddings, or max_len where that is unset (0)."""
+    return self.max_position_embeddings or self.max_len
 
   @property
   def padded_vocab_size(self) -> int:
@@ -91,21 +114,23 @@ class ModelConfig:
     """Exact parameter count; `padded=False` is the number comparable with the original's."""
     per_layer = sum(math.prod(shape) for shape, _ in self.layer_params().values())
     vocab = self.padded_vocab_size if padded else self.vocab_size
-    return vocab * self.d_model + self.n_layers * per_layer + self.d_model
+    tables = 1 if self.tie_embeddings else 2  # the embedding, and an untied output head of the same shape
+    return tables * vocab * self.d_model + self.n_layers * per_layer + self.d_model
 
   def flops_per_token(self, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward), PaLM convention (Chowdhery et al. 2022, App. B).
 
-    6 x (every matmul weight, the tied output projection included, the embedding lookup excluded)
+    6 x (every matmul weight, the output projection included, tied or not; the embedding lookup excluded)
     + 12 x n_layers x seq_len x (n_heads x head_dim) for attention scores and values, with the causal
     mask NOT halving it. This is the convention MaxText and nanoGPT use for MFU.
     """
     norms = (2 * self.n_layers + 1) * self.d_model
-    matmul_params = self.param_count() - norms  # the embedding's count stands for the output projection
+    lookup = 0 if self.tie_embeddings else self.vocab_size * self.d_model  # tied: the embedding's count stands
+    matmul_params = self.param_count() - norms - lookup  # for the output projection; untied: the head's does
     return 6 * matmul_params + 12 * self.n_layers * seq_len * self.n_heads * self.head_dim
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return dataclasses.asdict(self)  # rope_scaling becomes its dict (None stays None)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -123,6 +148,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(vocab_size=50256, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2304),
     "large": dict(vocab_size=50256, n_layers=24, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),
     "xl": dict(vocab_size=50256, n_layers=36, d_model=1024, n_heads=8, n_kv_heads=4, d_ff=3072),
+    # Open Llama-architecture checkpoints, from their config.json (import_hf reads the same values from it).
+    "smollm2_360m": dict(vocab_size=49152, n_layers=32, d_model=960, n_heads=15, n_kv_heads=5, d_ff=2560,
+                         rope_base=100_000.0, max_position_embeddings=8192),
+    "llama3_2_1b": dict(vocab_size=128256, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_ff=8192,
+                        head_dim=64, rope_base=500_000.0, max_position_embeddings=131072,
+                        rope_scaling=dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
 }
 
 

@@ -1,11 +1,12 @@
 """The decoder-only transformer (MimixLM / Llama layout): a Flax NNX module over one functional forward pass.
 
 Pre-norm blocks: h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h)); a final RMSNorm; logits = h @ E^T with the
-embedding E tied to the output projection. GQA attention with rotate-half RoPE (base 500000), gated SiLU FFN,
-no biases, N(0, 0.02) init, norm scales 1.
+embedding E tied to the output projection (or, with cfg.tie_embeddings False, an untied head W [V, d]: h @ W^T).
+GQA attention with rotate-half RoPE (base 500000, optionally scaled), gated SiLU FFN, no biases, N(0, 0.02)
+init, norm scales 1.
 
-The weights are a plain dict: {"embed": [V, d], "layers": {"wq": [L, d, H, D], ...}, "final_norm": [d]}, the
-layers stacked along a leading axis. `forward` runs stacked layers under `jax.lax.scan` (compile time does not
+The weights are a plain dict: {"embed": [V, d], "layers": {"wq": [L, d, H, D], ...}, "final_norm": [d]} (plus
+"lm_head": [V, d] when untied), the layers stacked along a leading axis. `forward` runs stacked layers under `jax.lax.scan` (compile time does not
 grow with depth) or a list of per-layer dicts (`split_layers`) as an unrolled loop: faster on a CPU, and the
 layout the decode engine keeps, because XLA:CPU would copy each layer's slice of the stacked weights and cache
 on every decode step. A KV cache is always per layer.
@@ -61,10 +62,17 @@ class Transformer(nnx.Module):
     )
     self.layers = DecoderLayers(cfg, rngs=rngs)
     self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32), logical_axes=("norm",))
+    if not cfg.tie_embeddings:  # same layout and sharding as the embedding, so every loss takes either
+      self.lm_head = nnx.Param(
+          normal(rngs.params(), (cfg.padded_vocab_size, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed"))
 
   def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
     h, _ = self.hidden(tokens, positions, segment_ids)
-    return logits(self.embed[...], h, self.cfg.vocab_size)
+    return logits(self.head(), h, self.cfg.vocab_size)
+
+  def head(self) -> jax.Array:
+    """The output projection [V_padded, d]: the embedding when tied, else lm_head."""
+    return output_head(self.cfg, vars(self))[...]
 
   def hidden(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None, mask=None):
     """Final-normed hidden states [B, T, d] in the compute dtype, and the updated cache (None without one)."""
@@ -128,8 +136,8 @@ def _block(cfg: ModelConfig, h, p, positions, attend, kv_cache, cache_end):
   q = checkpoint_name(project(a, p["wq"].astype(dt)), "q")  # [B, T, H, D]
   k = checkpoint_name(project(a, p["wk"].astype(dt)), "k")  # [B, T, K, D]
   v = checkpoint_name(project(a, p["wv"].astype(dt)), "v")
-  q = attention.apply_rope(q, positions, cfg.max_len, cfg.rope_base)
-  k = attention.apply_rope(k, positions, cfg.max_len, cfg.rope_base)
+  q = attention.apply_rope(q, positions, cfg.max_len, cfg.rope_base, cfg.rope_scaling)
+  k = attention.apply_rope(k, positions, cfg.max_len, cfg.rope_base, cfg.rope_scaling)
   if kv_cache is not None:  # write this step's keys/values at slots [end, end + T), attend over the whole cache
     k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_end, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_end, axis=1)
@@ -182,9 +190,14 @@ def split_layers(stacked: dict[str, jax.Array], cfg: ModelConfig) -> list[dict[s
   return [{k: (v[i].astype(dt) if v.ndim > 2 else v[i]) for k, v in stacked.items()} for i in range(cfg.n_layers)]
 
 
-def logits(embed: jax.Array, h: jax.Array, vocab_size: int) -> jax.Array:
-  """h [B, T, d] -> float32 logits [B, T, V_padded] through the tied embedding [V_padded, d]; padding -inf."""
-  table = embed.astype(h.dtype)
+def output_head(cfg: ModelConfig, weights: Weights) -> jax.Array:
+  """The output projection [V_padded, d] of a weights dict: the embedding when tied, else lm_head."""
+  return weights["embed"] if cfg.tie_embeddings else weights["lm_head"]
+
+
+def logits(head: jax.Array, h: jax.Array, vocab_size: int) -> jax.Array:
+  """h [B, T, d] -> float32 logits [B, T, V_padded] through the output projection [V_padded, d]; padding -inf."""
+  table = head.astype(h.dtype)
   return mask_padded_vocab(project(h, table.T, preferred_element_type=jnp.float32), vocab_size)
 
 

@@ -9,7 +9,6 @@ misspelt field fails loudly instead of being silently added.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +20,14 @@ from mimix_jax.training import objectives
 
 
 def model_fields(model: ModelConfig) -> ml_collections.ConfigDict:
-  """A preset's fields for `c.model`, all but max_len: the stage's `max_len` sets the model's."""
-  fields = dataclasses.asdict(model)
+  """A preset's fields for `c.model`, all but max_len: the stage's `max_len` sets the model's.
+
+  head_dim stays 0 (derived) where it is d_model / n_heads, so an override of d_model or n_heads carries through.
+  """
+  fields = model.to_dict()
   del fields["max_len"]
+  if model.head_dim * model.n_heads == model.d_model:
+    fields["head_dim"] = 0
   return ml_collections.ConfigDict(fields)
 
 

@@ -29,7 +29,7 @@ from mimix_jax.training.metrics import CORE, MetricsLogger
 from mimix_jax.training.step import TrainStep
 
 ARCHITECTURE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "rope_base", "norm_eps",
-                       "vocab_multiple")
+                       "vocab_multiple", "head_dim", "tie_embeddings", "rope_scaling")
 # Exit codes a chain (run_all.sh) and a scheduler (SLURM requeue) can act on; 2 is a user error (train.py).
 EXIT_NONFINITE = 3  # max_nonfinite_steps non-finite steps in a row: the run halted
 EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (EX_IOERR); the previous one stays
@@ -283,7 +283,8 @@ def _check_same_architecture(model_cfg: ModelConfig, source: ModelConfig, init_f
     ours, theirs = getattr(model_cfg, field), getattr(source, field)
     if ours != theirs:
       raise ValueError(f"init_from {init_from} has model.{field}={theirs}, this config has {ours} "
-                       f"(set --config.model.{field}={theirs})")
+                       f"(set --config.model.{field}, or use --config configs/finetune.py:STAGE:{init_from}, "
+                       "which takes the model from the run)")
 
 
 def _check_data(cfg, objective: objectives.Objective, manifest: dict, tok: Tokenizer, field: str) -> None:

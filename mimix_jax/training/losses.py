@@ -21,7 +21,7 @@ DPO_LOSSES = ("sigmoid", "ipo")
 
 
 def _weighted_sums(h, rows, lse, weights, z_loss):
-  """(sum w (nll + z lse^2), sum w nll) from lse [B, T] and the targets' embedding rows [B, T, d]."""
+  """(sum w (nll + z lse^2), sum w nll) from lse [B, T] and the targets' output-projection rows [B, T, d]."""
   target_logit = jnp.einsum("btd,btd->bt", h, rows, preferred_element_type=jnp.float32)
   nll_sum = jnp.sum(weights * (lse - target_logit))
   return nll_sum + z_loss * jnp.sum(weights * lse * lse), nll_sum
@@ -31,7 +31,7 @@ def _weighted_sums(h, rows, lse, weights, z_loss):
 def fused_token_loss(h, table, targets, weights, vocab_size: int, z_loss: float, chunk: int):
   """Weighted next-token loss on the final hidden states, with the gradients computed in the forward pass.
 
-  h [B, T, d] (compute dtype), table [V_padded, d] float32 (the tied embedding), targets [B, T] int,
+  h [B, T, d] (compute dtype), table [V_padded, d] float32 (the output projection), targets [B, T] int,
   weights [B, T] float32 (the loss mask). Returns (sum w (nll + z_loss lse^2), sum w nll), float32.
 
   The loss is the last thing a train step computes, so d loss / d logits = w ((1 + 2 z lse) softmax - onehot) is
@@ -103,7 +103,7 @@ def lm_loss(model, batch: dict, z_loss: float = 0.0, chunk: int = 0):
   """
   h, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  total, nll_sum = fused_token_loss(h, model.embed[...], batch["targets"], mask, model.cfg.vocab_size, z_loss, chunk)
+  total, nll_sum = fused_token_loss(h, model.head(), batch["targets"], mask, model.cfg.vocab_size, z_loss, chunk)
   return total, jnp.sum(mask), {"nll": jax.lax.stop_gradient(nll_sum)}
 
 
@@ -112,7 +112,7 @@ def sequence_logps(model, batch: dict, chunk: int = 0) -> tuple[jax.Array, jax.A
   b, two, t = batch["inputs"].shape
   flat = {k: batch[k].reshape(b * two, t) for k in batch_lib.FIELDS}
   h, _ = model.hidden(flat["inputs"], flat["positions"], flat["segment_ids"])  # chosen & rejected in one pass
-  nll, _ = token_nll(h, model.embed[...], flat["targets"], model.cfg.vocab_size, chunk)
+  nll, _ = token_nll(h, model.head(), flat["targets"], model.cfg.vocab_size, chunk)
   mask = flat["loss_mask"].astype(jnp.float32)
   return -jnp.sum(nll * mask, -1).reshape(b, two), jnp.sum(mask, -1).reshape(b, two)
 
