@@ -82,6 +82,7 @@ def muon_dimensions(params: Any, input_axes: dict[str, int]) -> Any:
 
 def _adamw(opt: ml_collections.ConfigDict, total_steps: int, input_axes: dict[str, int] | None = None
            ) -> optax.GradientTransformation:
+  del input_axes  # AdamW treats matrices like any other param
   return optax.adamw(
       learning_rate=schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
       mask=lambda p: decay_mask(p, opt.decay_norms_and_embeddings))
