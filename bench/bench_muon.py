@@ -118,7 +118,8 @@ def train_run(args, cfg, train_rows, eval_batches, params0, emit) -> dict:
       times.append(time.perf_counter() - t0)
       if (step + 1) % args.eval_every == 0 or step + 1 == cfg.total_steps:
         evaluate(step + 1)
-  result = {**run, "final_eval_loss": curve[-1]["eval_loss"], "median_step_ms": 1e3 * statistics.median(times[1:]),
+  result = {**run, "final_eval_loss": curve[-1]["eval_loss"],
+            "median_step_ms": 1e3 * statistics.median(times[1:] or times),  # the first step compiles
             "train_loss_last": float(metrics["loss"]), "tokens": curve[-1]["tokens"]}
   emit({"kind": "run", **result})
   return {**result, "curve": curve, "step": tr, "step_cfg": cfg}

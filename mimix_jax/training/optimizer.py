@@ -45,8 +45,10 @@ def schedule(opt: ml_collections.ConfigDict, total_steps: int, peak: float | Non
       "cosine": ([optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak if peak else 0.0)], []),
       "linear": ([optax.linear_schedule(peak, floor, decay_steps)], []),
       "constant": ([optax.constant_schedule(peak)], []),
-      "wsd": ([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(wsd_decay, 1))],
-              [total_steps - wsd_decay]),
+      # No decay stage at all for decay_fraction 0: optax's linear schedule at its start is
+      # (peak - floor) + floor, which can be 1 ulp off the peak, and a run extended later must match bitwise.
+      "wsd": ([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, wsd_decay)],
+              [total_steps - wsd_decay]) if wsd_decay else ([optax.constant_schedule(peak)], []),
   }
   after, boundaries = stages[opt.schedule]
   warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
@@ -82,6 +84,7 @@ def muon_dimensions(params: Any, input_axes: dict[str, int]) -> Any:
 
 def _adamw(opt: ml_collections.ConfigDict, total_steps: int, input_axes: dict[str, int] | None = None
            ) -> optax.GradientTransformation:
+  del input_axes  # AdamW treats matrices like any other param
   return optax.adamw(
       learning_rate=schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
       mask=lambda p: decay_mask(p, opt.decay_norms_and_embeddings))
