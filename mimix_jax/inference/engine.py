@@ -188,7 +188,7 @@ class Engine:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     starts = np.zeros(b, np.int32) if start_positions is None else np.asarray(start_positions, np.int32)
-    slots, end = cache["segment_ids"].shape[1], int(cache["end"])
+    slots, end = cache["segment_ids"].shape[1], int(np.max(cache["end"]))  # the rows share one end here
     n_valid = max(lengths)
     next_pos = starts + np.asarray(lengths, np.int32)
     room = min(self.cfg.max_len - int(next_pos.max()), slots - end - n_valid)
