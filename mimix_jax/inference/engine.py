@@ -74,7 +74,7 @@ class Generation:
   text: str = ""  # filled in by the text-level functions
 
 
-def _logits(cfg: ModelConfig, weights: dict[str, Any], h: jax.Array) -> jax.Array:
+def next_logits(cfg: ModelConfig, weights: dict[str, Any], h: jax.Array) -> jax.Array:
   """h [B, 1, d] -> float32 logits [B, V_padded] (padded entries -inf).
 
   On XLA:CPU a batch-1 (matrix-vector) dot transposes the [V, d] embedding on every call (53 of the 85 ms of a
@@ -122,14 +122,14 @@ def _start(cfg: ModelConfig, weights, cache: Cache, prompt: dict[str, jax.Array]
       sampling=settings["sampling"],
       greedy=greedy, penalize=penalize, pad_id=pad_id)
   last = jax.lax.dynamic_slice_in_dim(h, n_valid - 1, 1, axis=1)  # [B, 1, d]
-  return _record(state, _choose(_logits(cfg, weights, last), state))
+  return _record(state, _choose(next_logits(cfg, weights, last), state))
 
 
 def _step(cfg: ModelConfig, weights, state: DecodeState) -> DecodeState:
   """Feeds the newest token of every row and picks the next."""
   newest = jax.lax.dynamic_slice_in_dim(state.tokens, state.count - 1, 1, axis=1)  # [B, 1]
   h, cache = transformer.forward(cfg, weights, newest, state.positions[:, None], jnp.ones_like(newest), state.cache)
-  tok = _choose(_logits(cfg, weights, h), state)
+  tok = _choose(next_logits(cfg, weights, h), state)
   return _record(state, tok, cache=cache, positions=state.positions + 1)
 
 
@@ -150,7 +150,7 @@ _finish_jit = jax.jit(_finish, static_argnums=0, donate_argnums=2)
 @functools.partial(jax.jit, static_argnums=1)
 def _decode_weights(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
   """The decode layout: one weight dict per layer and the embedding [V, d] in the compute dtype, and its
-  transpose [d, V] (see _logits)."""
+  transpose [d, V] (see next_logits)."""
   embed = params["embed"].astype(jnp.dtype(cfg.dtype))
   return {"embed": embed, "embed_t": embed.T, "final_norm": params["final_norm"],
           "layers": transformer.split_layers(params["layers"], cfg)}
@@ -166,7 +166,7 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params: dict[str, Any]):
     self.cfg = cfg
-    self._weights = _decode_weights(params, cfg)
+    self.weights = _decode_weights(params, cfg)  # what the jitted functions here and in batching.py read
 
   def new_cache(self, batch: int, slots: int) -> Cache:
     """An empty cache of `slots` token slots per row."""
@@ -212,16 +212,16 @@ class Engine:
         row_ids=np.asarray(range(b) if row_ids is None else row_ids, np.int32),
         stop_ids=np.asarray(sorted(set(stop_ids)) or [-1], np.int32),
         sampling=sampling.arrays())
-    return _start_jit(self.cfg, self._weights, cache, prompt, settings, n_buf=bucket(max_new_tokens),
+    return _start_jit(self.cfg, self.weights, cache, prompt, settings, n_buf=bucket(max_new_tokens),
                       greedy=sampling.greedy, penalize=sampling.penalize, pad_id=pad_id)
 
   def step(self, state: DecodeState) -> DecodeState:
     """One more token for every row (the caller checks the count against the limit and stop ids)."""
-    return _step_jit(self.cfg, self._weights, state)
+    return _step_jit(self.cfg, self.weights, state)
 
   def finish(self, state: DecodeState) -> DecodeState:
     """Decodes until every row stopped or the limit, entirely on the device."""
-    return _finish_jit(self.cfg, self._weights, state)
+    return _finish_jit(self.cfg, self.weights, state)
 
 
 def results(state: DecodeState, prompts: Sequence[Sequence[int]], max_new_tokens: int,
