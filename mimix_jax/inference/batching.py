@@ -19,6 +19,7 @@ context), "cancelled" or "error".
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -129,6 +130,7 @@ class Batcher:
     self._cache = engine.new_cache(slots, self.context)
     self._thread: threading.Thread | None = None
     self._stopping = False
+    self.finished: collections.Counter[str] = collections.Counter()  # requests that left, by reason
 
   @property
   def busy(self) -> int:
@@ -172,6 +174,7 @@ class Batcher:
     self._step()  # compiled even if the first token was a stop id
     while not done.is_set():
       self._step()
+    self.finished.clear()
 
   def run(self) -> None:
     """The device loop: admit waiting requests into free slots, drop cancelled ones, decode one step."""
@@ -245,6 +248,7 @@ class Batcher:
     s, self._slots[i] = self._slots[i], None
     self._tokens[i] = self.pad_id
     self._params["temperature"][i] = 0  # an idle row never makes the step sample
+    self.finished[reason] += 1
     s.request.sink(None, reason)
 
 
