@@ -10,7 +10,7 @@ tokenizer trained here on the shipped books, so base's vocabulary is 4096, not 5
 Every prefill bucket is compiled by one warm-up pass first.
 
   tok_s     generated tokens / wall time from the first request sent to the last reply's end, all streams
-  ttft_ms   median time from sending a request to its first text chunk
+  ttft_ms   median time from sending a request to its first chunk (sent at its first token)
   speedup   tok_s with c concurrent streams / tok_s of the same c requests sent one after another
 
 transformers: LlamaForCausalLM.from_pretrained(export) in a fresh process, greedy, exactly each request's token
@@ -73,7 +73,7 @@ def stream(url: str, prompt: str, max_tokens: int) -> tuple[float, float, float,
       chunk = json.loads(line[6:])
       if chunk.get("usage"):
         tokens = chunk["usage"]["completion_tokens"]
-      elif first is None and chunk["choices"][0]["text"]:
+      elif first is None:  # the server sends the first chunk at the first token
         first = time.perf_counter()
   end = time.perf_counter()
   return sent, first or end, end, tokens

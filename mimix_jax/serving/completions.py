@@ -1,7 +1,8 @@
 """One request in flight, at the text level: the prompt's tokens, its settings, and its reply as text deltas.
 
 The batcher calls the request's sink on the device thread; the sink hands each token to this request's asyncio
-queue on the event loop, where it is decoded (whole UTF-8 characters only) and checked for stop strings. Text
+queue on the event loop, where it is decoded (whole UTF-8 characters only) and checked for stop strings; when
+the loop falls behind, the tokens waiting are sent as one delta (fewer, larger chunks, the same text). Text
 that could be the start of a stop string is held back until it is not; a stop string ends the reply without
 being sent. Leaving early for any reason (the client went away, the task was cancelled) frees the slot.
 """
@@ -70,22 +71,28 @@ class Completion:
                       **self.settings)
     self.served.batcher.submit(request)
     decoder = StreamDecoder(self.served.tokenizer)
-    text, sent = "", 0
+    text, sent, started = "", 0, False
     try:
       while self.finish_reason is None:
-        tok, reason = await tokens.get()
+        events = [await tokens.get()]
+        while not tokens.empty() and events[-1][1] is None:  # under load, one delta for all that arrived
+          events.append(tokens.get_nowait())
+        reason = events[-1][1]
         if reason == "error":
           raise APIError(500, "generation failed on the server", kind="server_error")
-        if tok is not None:
-          self.completion_tokens += 1
-        text += decoder.push(tok) if tok is not None else decoder.flush()
+        for tok, _ in events:
+          if tok is not None:
+            self.completion_tokens += 1
+            text += decoder.push(tok)
+        if reason:
+          text += decoder.flush()
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=None)
         if cut is not None:
           text, reason = text[:cut], "stop"
         end = len(text) if reason else len(text) - held_back(text, self.stops)
-        if end > sent:
+        if end > sent or not started:  # the first delta goes out at the first token, even if it is still ""
           yield text[sent:end]
-          sent = end
+          sent, started = end, True
         self.finish_reason = _FINISH.get(reason) if reason else None
     finally:
       request.cancel()  # a no-op once the batcher let it go; else its slot is freed at the next step
