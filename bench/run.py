@@ -1,7 +1,7 @@
 """One entry point for the benchmarks: `python -m bench.run --suite cpu|gpu [--json FILE]`.
 
-cpu: train step (tiny and base shapes) vs PyTorch, checkpoint stall, decode vs transformers.generate, tokenizer /
-     preprocessing / loader. gpu: bench/gpu.sh (the prepared one-call script for a lent GPU machine).
+cpu: train step (tiny and base shapes) vs PyTorch, checkpoint stall, decode vs transformers.generate, the server
+     under 1 / 8 / 16 streams, tokenizer / preprocessing / loader. gpu: bench/gpu.sh (the prepared one-call script for a lent GPU machine).
 Every benchmark prints its own table or JSON line; --json collects the JSON lines. Numbers go to BENCHMARKS.md
 with the machine, versions and date. Benchmarks never run in `make test`.
 """
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
       py + [str(BENCH / "train_throughput.py"), "--shape", "cpu_base", "--steps", "4", "--rounds", "2", "--json", args.json],
       py + [str(BENCH / "bench_checkpoint.py"), "--json", args.json],
       py + [str(BENCH / "bench_decode.py")],
+      py + [str(BENCH / "bench_serve.py"), "--json", args.json],
       py + [str(BENCH / "bench_data.py"), "--json", args.json],
       py + [str(BENCH / "bench_tokenizers.py"), "--json", args.json],
   ]

@@ -1,2 +1,2 @@
 """Inference: next-token selection (sampling), the KV-cached decode engine (engine), text-level generation
-(generation) and the chat session (session). Nothing from training."""
+(generation), the chat session (session) and continuous batching for a server (batching). Nothing from training."""

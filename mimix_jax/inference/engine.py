@@ -74,7 +74,7 @@ class Generation:
   text: str = ""  # filled in by the text-level functions
 
 
-def _logits(cfg: ModelConfig, weights: dict[str, Any], h: jax.Array) -> jax.Array:
+def next_logits(cfg: ModelConfig, weights: dict[str, Any], h: jax.Array) -> jax.Array:
   """h [B, 1, d] -> float32 logits [B, V_padded] (padded entries -inf).
 
   On XLA:CPU a batch-1 (matrix-vector) dot transposes the [V, d] output projection on every call (53 of the 85 ms
@@ -122,14 +122,14 @@ def _start(cfg: ModelConfig, weights, cache: Cache, prompt: dict[str, jax.Array]
       sampling=settings["sampling"],
       greedy=greedy, penalize=penalize, pad_id=pad_id)
   last = jax.lax.dynamic_slice_in_dim(h, n_valid - 1, 1, axis=1)  # [B, 1, d]
-  return _record(state, _choose(_logits(cfg, weights, last), state))
+  return _record(state, _choose(next_logits(cfg, weights, last), state))
 
 
 def _step(cfg: ModelConfig, weights, state: DecodeState) -> DecodeState:
   """Feeds the newest token of every row and picks the next."""
   newest = jax.lax.dynamic_slice_in_dim(state.tokens, state.count - 1, 1, axis=1)  # [B, 1]
   h, cache = transformer.forward(cfg, weights, newest, state.positions[:, None], jnp.ones_like(newest), state.cache)
-  tok = _choose(_logits(cfg, weights, h), state)
+  tok = _choose(next_logits(cfg, weights, h), state)
   return _record(state, tok, cache=cache, positions=state.positions + 1)
 
 
@@ -150,7 +150,7 @@ _finish_jit = jax.jit(_finish, static_argnums=0, donate_argnums=2)
 @functools.partial(jax.jit, static_argnums=1)
 def _decode_weights(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
   """The decode layout: one weight dict per layer, the embedding (and an untied lm_head) [V, d] in the compute
-  dtype, and the output projection's transpose [d, V] (see _logits)."""
+  dtype, and the output projection's transpose [d, V] (see next_logits)."""
   dt = jnp.dtype(cfg.dtype)
   tables = {name: params[name].astype(dt) for name in ("embed", "lm_head") if name in params}
   return {**tables, "head_t": transformer.output_head(cfg, tables).T, "final_norm": params["final_norm"],
@@ -167,7 +167,7 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params: dict[str, Any]):
     self.cfg = cfg
-    self._weights = _decode_weights(params, cfg)
+    self.weights = _decode_weights(params, cfg)  # what the jitted functions here and in batching.py read
 
   def new_cache(self, batch: int, slots: int) -> Cache:
     """An empty cache of `slots` token slots per row."""
@@ -189,7 +189,7 @@ class Engine:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     starts = np.zeros(b, np.int32) if start_positions is None else np.asarray(start_positions, np.int32)
-    slots, end = cache["segment_ids"].shape[1], int(cache["end"])
+    slots, end = cache["segment_ids"].shape[1], int(np.max(cache["end"]))  # the rows share one end here
     n_valid = max(lengths)
     next_pos = starts + np.asarray(lengths, np.int32)
     room = min(self.cfg.max_len - int(next_pos.max()), slots - end - n_valid)
@@ -213,16 +213,16 @@ class Engine:
         row_ids=np.asarray(range(b) if row_ids is None else row_ids, np.int32),
         stop_ids=np.asarray(sorted(set(stop_ids)) or [-1], np.int32),
         sampling=sampling.arrays())
-    return _start_jit(self.cfg, self._weights, cache, prompt, settings, n_buf=bucket(max_new_tokens),
+    return _start_jit(self.cfg, self.weights, cache, prompt, settings, n_buf=bucket(max_new_tokens),
                       greedy=sampling.greedy, penalize=sampling.penalize, pad_id=pad_id)
 
   def step(self, state: DecodeState) -> DecodeState:
     """One more token for every row (the caller checks the count against the limit and stop ids)."""
-    return _step_jit(self.cfg, self._weights, state)
+    return _step_jit(self.cfg, self.weights, state)
 
   def finish(self, state: DecodeState) -> DecodeState:
     """Decodes until every row stopped or the limit, entirely on the device."""
-    return _finish_jit(self.cfg, self._weights, state)
+    return _finish_jit(self.cfg, self.weights, state)
 
 
 def results(state: DecodeState, prompts: Sequence[Sequence[int]], max_new_tokens: int,

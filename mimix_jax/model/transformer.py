@@ -30,7 +30,8 @@ from mimix_jax.model.layers import mask_padded_vocab, project, rms_norm
 from mimix_jax.model import sharding
 from mimix_jax.model.sharding import constrain
 
-# k, v: lists of L [B, S, K, D]; segment_ids: [B, S]; end: [] (the next free slot).
+# k, v: lists of L [B, S, K, D]; segment_ids: [B, S]; end: [B] (each row's next free slot: rows of a continuous
+# batch decode at their own positions).
 Cache = dict[str, Any]
 Weights = dict[str, Any]  # embed, layers (stacked dict or list of per-layer dicts), final_norm
 
@@ -91,7 +92,7 @@ def forward(cfg: ModelConfig, weights: Weights, tokens, positions=None, segment_
   documents. mask [B, T, T] bool, without a cache: who attends to whom, instead of the segment rule (the
   scorer's tree of continuations, attention.tree_mask); it must be causal by slot.
   weights["layers"]: stacked (scanned) or a list of per-layer dicts (unrolled; needed with a cache).
-  With a cache, the T tokens are written at slots [cache.end, cache.end + T).
+  With a cache, row b's T tokens are written at slots [cache.end[b], cache.end[b] + T).
   """
   dt = jnp.dtype(cfg.dtype)
   b, t = tokens.shape
@@ -139,8 +140,8 @@ def _block(cfg: ModelConfig, h, p, positions, attend, kv_cache, cache_end):
   q = attention.apply_rope(q, positions, cfg.max_len, cfg.rope_base, cfg.rope_scaling)
   k = attention.apply_rope(k, positions, cfg.max_len, cfg.rope_base, cfg.rope_scaling)
   if kv_cache is not None:  # write this step's keys/values at slots [end, end + T), attend over the whole cache
-    k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_end, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_end, axis=1)
+    k = _write_rows(kv_cache[0], k.astype(kv_cache[0].dtype), cache_end)
+    v = _write_rows(kv_cache[1], v.astype(kv_cache[1].dtype), cache_end)
     kv_cache = (k, v)
     k, v = k.astype(dt), v.astype(dt)
   out = checkpoint_name(attend(q, k, v), "attn_out")
@@ -173,8 +174,9 @@ def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t
     if mask is not None:
       raise ValueError("an explicit attention mask is for a full forward pass, not a cached one")
     end = cache["end"]
-    kv_segment = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, end, axis=1)
-    mask = attention.attention_mask(segment_ids, kv_segment, end + jnp.arange(t), jnp.arange(kv_segment.shape[1]))
+    kv_segment = _write_rows(cache["segment_ids"], segment_ids, end)
+    q_slot = end[:, None] + jnp.arange(t)  # [B, T]
+    mask = attention.attention_mask(segment_ids, kv_segment, q_slot, jnp.arange(kv_segment.shape[1]))
     return functools.partial(attention.xla_attention, bias=attention.mask_bias(mask)), kv_segment
   if mask is None and segment_ids is not None:
     mask = attention.attention_mask(segment_ids, segment_ids, jnp.arange(t), jnp.arange(t))
@@ -182,6 +184,12 @@ def _attention_for(cfg: ModelConfig, segment_ids, cache: Cache | None, b: int, t
     return functools.partial(attention.fused_attention, mask=mask, implementation=_fused_implementation(cfg)), None
   return functools.partial(attention.causal_attention, bias=attention.mask_bias(mask),
                            q_block=cfg.attention_q_block), None
+
+
+def _write_rows(buffer: jax.Array, update: jax.Array, starts: jax.Array) -> jax.Array:
+  """buffer [B, S, ...] with row b's update [B, T, ...] written at slots [starts[b], starts[b] + T)."""
+  return jax.vmap(lambda buf, upd, at: jax.lax.dynamic_update_slice_in_dim(buf, upd, at, axis=0))(
+      buffer, update, starts)
 
 
 def split_layers(stacked: dict[str, jax.Array], cfg: ModelConfig) -> list[dict[str, jax.Array]]:
@@ -207,7 +215,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> 
   dtype = dtype or cfg.dtype
   return dict(k=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
               v=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
-              segment_ids=jnp.zeros((batch, length), jnp.int32), end=jnp.zeros((), jnp.int32))
+              segment_ids=jnp.zeros((batch, length), jnp.int32), end=jnp.zeros((batch,), jnp.int32))
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Transformer:
