@@ -7,6 +7,7 @@ continuous batcher against itself: 16 concurrent clients each get what the same 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -61,17 +62,29 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.kill()
 
 
+@contextlib.contextmanager
+def serving(run_dir, *flags: str):
+  """The server's URL while it runs."""
+  proc, url = start_server(run_dir, *flags)
+  try:
+    yield url
+  finally:
+    stop_server(proc)
+
+
+def make_chat_run(root, tokenizer_dir, tok):
+  return make_run(root / "chatrun", tokenizer_dir, tok.vocab_size, generation=dict(mode="chat"), max_len=CONTEXT)[0]
+
+
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, tokenizer_dir, tok):
-  return make_run(tmp_path_factory.mktemp("serve") / "chatrun", tokenizer_dir, tok.vocab_size,
-                  generation=dict(mode="chat"), max_len=CONTEXT)[0]
+  return make_chat_run(tmp_path_factory.mktemp("serve"), tokenizer_dir, tok)
 
 
 @pytest.fixture(scope="module")
 def server(chat_run):
-  proc, url = start_server(chat_run, "--max_batch", "8", "--api_key", KEY)
-  yield url
-  stop_server(proc)
+  with serving(chat_run, "--max_batch", "8", "--api_key", KEY) as url:
+    yield url
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +240,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
 @pytest.fixture(scope="module")
 def raw_server(tmp_path_factory, tokenizer_dir, tok):
   run = make_run(tmp_path_factory.mktemp("serve") / "rawrun", tokenizer_dir, tok.vocab_size, max_len=128)[0]
-  proc, url = start_server(run, "--max_batch", "2")
-  yield url
-  stop_server(proc)
+  with serving(run, "--max_batch", "2") as url:
+    yield url
 
 
 def test_a_raw_run_serves_completions_and_refuses_chat(raw_server):

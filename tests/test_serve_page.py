@@ -13,8 +13,8 @@ import pytest
 
 from mimix_jax.inference import generation
 from mimix_jax.inference.sampling import SamplingConfig
-from test_generate import make_run, run_engine
-from test_serve import CONTEXT, QUESTIONS, start_server, stop_server
+from test_generate import run_engine
+from test_serve import QUESTIONS, make_chat_run, serving
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM) and not os.environ.get("MIMIX_REQUIRE_BROWSER"):
@@ -26,15 +26,13 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402 - after th
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, tokenizer_dir, tok):
-  return make_run(tmp_path_factory.mktemp("page") / "pagerun", tokenizer_dir, tok.vocab_size,
-                  generation=dict(mode="chat"), max_len=CONTEXT)[0]
+  return make_chat_run(tmp_path_factory.mktemp("page"), tokenizer_dir, tok)
 
 
 @pytest.fixture(scope="module")
 def server(chat_run):
-  proc, url = start_server(chat_run, "--max_batch", "2")
-  yield url
-  stop_server(proc)
+  with serving(chat_run, "--max_batch", "2") as url:
+    yield url
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,7 @@ def page(server):
     browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
     page = browser.new_page()
     page.goto(server + "/")
-    expect(page.locator("#model")).to_have_text("pagerun")
+    expect(page.locator("#model")).to_have_text("chatrun")
     yield page
     browser.close()
 
@@ -67,7 +65,7 @@ def test_a_reply_streams_in_and_equals_the_library(page, chat_run, tok):
 
 
 def runs_to_length(server: str, question: str) -> bool:
-  body = {"model": "pagerun", "max_tokens": 900, "temperature": 0, "messages": [
+  body = {"model": "chatrun", "max_tokens": 900, "temperature": 0, "messages": [
       {"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]}
   return httpx.post(server + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0][
       "finish_reason"] == "length"
