@@ -82,11 +82,14 @@ def _in_range(field: str, value: Any, n: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------- hellaswag
 
+_BRACKETED = re.compile("\\[.*?\\]")
+
+
 def hellaswag_preprocess(text: str) -> str:
   """lm_eval/tasks/hellaswag/utils.py:preprocess (brackets are WikiHow artifacts)."""
   text = text.strip()
   text = text.replace(" [title]", ". ")
-  text = re.sub("\\[.*?\\]", "", text)
+  text = _BRACKETED.sub("", text)
   text = text.replace("  ", " ")
   return text
 
