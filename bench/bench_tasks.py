@@ -117,6 +117,8 @@ def main(argv=None) -> int:
   names = [t.name for t in tasks_lib.get(args.tasks)]
   root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_tasks_"))
   root.mkdir(parents=True, exist_ok=True)
+  if args.run is None and (root / "run").exists():
+    p.error(f"{root} already holds a run: pass a new --workdir, or --run {root / 'run'} --export {root / 'hf'}")
   run, export_dir = (Path(args.run), Path(args.export)) if args.run else in_fresh_process(make_run, args.preset, root)
   files = {n: s for n, s in sample_tasks.write(root / "tasks", args.n_eval, max(10, args.num_fewshot + 1)).items()
            if n in names}

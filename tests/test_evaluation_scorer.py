@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from mimix_jax import evaluate as evaluate_cmd
 from mimix_jax.evaluation import runner, sample_tasks
-from mimix_jax.evaluation.scorer import Scorer
+from mimix_jax.evaluation.scorer import CPU_BLOCK_BYTES, Scorer, _Steps
 from mimix_jax.model import sharding
 from mimix_jax.model import transformer as model_lib
 from mimix_jax.model.config import ModelConfig
@@ -114,6 +114,27 @@ def test_scores_do_not_depend_on_batching_or_mesh_and_compile_once(model_and_row
   assert reference._forward._cache_size() == 1
   reference.score(rows)  # the training loop scores the same prepared rows every time: nothing new to compile
   assert reference._forward._cache_size() == 1
+
+
+def test_cpu_steps_take_the_same_rows_of_every_shard_and_put_each_row_back():
+  t, shards = 8, 2
+  cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=8, n_heads=1, n_kv_heads=1,
+                    d_ff=CPU_BLOCK_BYTES // (4 * t * 2), max_len=t)  # 2 rows per shard per step
+  steps = _Steps(cfg, shards, 0, on_cpu=True)
+  assert steps.rows(t) == 2
+  rows = np.arange(16 * t, dtype=np.float32).reshape(16, t)  # 16 rows: 8 per shard, 4 steps
+  seen = []
+
+  def trunk(arrays):  # each row minus its step's first value: the output shows which rows shared a step
+    x = arrays[0]
+    seen.append(x.shape)
+    return (x - x[0, 0])[..., None]
+
+  h = np.asarray(jax.jit(lambda x: steps.run(trunk, (x,)))(rows))[..., 0]
+  assert seen == [(shards * 2, t)]  # traced once, under lax.map over the 4 steps
+  for step in range(4):  # rows 2s, 2s+1 of shard 0's block (0-7) and the same of shard 1's (8-15)
+    members = [2 * step, 2 * step + 1, 8 + 2 * step, 9 + 2 * step]
+    np.testing.assert_array_equal(h[members], rows[members] - rows[2 * step, 0])
 
 
 # ----------------------------------------------------------------------------------------------- the command

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mimix_jax.model import sharding
-from mimix_jax.model.logprobs import token_nll
+from mimix_jax.model.logprobs import target_logprobs, token_nll
 from mimix_jax.training import losses
 
 B, T, D, VOCAB, PADDED = 3, 16, 8, 37, 40  # 3 padded vocabulary rows that must never be predicted
@@ -73,6 +73,23 @@ def test_token_nll_and_fused_loss_agree_and_a_bad_chunk_is_refused():
   np.testing.assert_allclose(float(jnp.sum(nll * weights)), float(total), rtol=1e-6)
   with pytest.raises(ValueError, match="loss_chunk 5 does not divide the sequence length 16"):
     losses.fused_token_loss(h, table, targets, weights, VOCAB, 0.0, 5)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_target_logprobs_equal_log_softmax_and_argmax_with_ties_and_vocab_padding(chunk):
+  rng = np.random.default_rng(5)
+  d, vocab, padded = 8, 13, 16
+  table = rng.normal(size=(padded, d)).astype(np.float32)
+  table[7] = table[3]  # ids 3 and 7 always tie: argmax picks 3, the first
+  h = rng.normal(size=(16, d)).astype(np.float32)
+  h[:4] = table[3] * 3  # positions whose largest logit is the tied pair
+  targets = np.array([3, 7, 3, 7, *rng.integers(0, vocab, 12)], np.int32)
+  logp, hit = jax.jit(lambda h, t: target_logprobs(h, jnp.asarray(table), t, vocab, chunk))(h, targets)
+  logits = (h @ table.T)[:, :vocab]  # padded ids never win nor count
+  want = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)[np.arange(16), targets]
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(want), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(hit), logits.argmax(-1) == targets)
+  assert list(np.asarray(hit)[:4]) == [True, False, True, False]
 
 
 def test_on_a_mesh_the_chunk_loop_sums_locally_and_reduces_once():

@@ -125,7 +125,8 @@ class Scorer:
       return
     packed = _pack_trees(_trees(rows, self.max_len), rows, self.max_len)
     t = min(self.max_len, max(MIN_LENGTH, _pow2_at_least(max(p.length for p in packed))))
-    unit = self.shards * max(self.steps.rows(t), 1)  # rows per batch: a whole number of steps on every shard
+    per_step = min(max(self.steps.rows(t), 1), max(1, self.batch_tokens // t // self.shards))
+    unit = self.shards * per_step  # rows per batch: a whole number of steps on every shard, within batch_tokens
     most = max(unit, self.batch_tokens // t // unit * unit)
     while True:  # fewer rows per batch until their scored positions' logits fit in max_logits
       b = _least_padding(len(packed), unit, most)

@@ -56,13 +56,13 @@ def unchunk(x: jax.Array) -> jax.Array:
 
 
 def chunk_logits(hc: jax.Array, table: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
-  """hc [B, c, d], table [V, d] (compute dtype) -> float32 logits [B, c, V] (padding -inf) and lse [B, c]."""
+  """hc [..., d], table [V, d] (compute dtype) -> float32 logits [..., V] (padding -inf) and lse [...]."""
   logits = mask_padded_vocab(project(hc, table.T, preferred_element_type=jnp.float32), vocab_size)
   return logits, jax.nn.logsumexp(logits, axis=-1)
 
 
 def target_logprobs(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_size: int, chunk: int = 0):
-  """log p(target) float32 [N] and whether the target is the argmax [N] at N positions, without a gradient.
+  """log p(target) float32 [N] and whether the target is the argmax [N] at N positions (for scoring).
 
   h [N, d] final hidden states, table [V_padded, d], targets [N] int. "The argmax" is the first index of the
   largest logit, as torch.argmax and jnp.argmax break ties, found by counting the earlier indices that reach the
@@ -75,7 +75,7 @@ def target_logprobs(h: jax.Array, table: jax.Array, targets: jax.Array, vocab_si
 
   def of_chunk(args):
     hc, tc = args
-    logits = mask_padded_vocab(project(hc, table.T, preferred_element_type=jnp.float32), vocab_size)
+    logits, _ = chunk_logits(hc, table, vocab_size)  # [c, V]; XLA drops the unused lse
     shifted = logits - jnp.max(logits, axis=-1, keepdims=True)  # [c, V], 0 at the maximum
     target = jnp.take_along_axis(shifted, tc[:, None], axis=-1)[:, 0]
     logp = target - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
